@@ -1,0 +1,197 @@
+"""The validation loop: run a detector over a dataloader and score it as YOLOv5 v7.0 does.
+
+`evaluate()` is what `val.py` and the training loop both call. It knows nothing of files on disk
+beyond the optional writers passed to it, so it can score a float model, a QAT model or an ONNX
+session wrapped as a callable.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from utils.boxes import scale_boxes, xywh2xyxy
+from utils.log import TQDM_BAR_FORMAT
+from utils.metrics import ConfusionMatrix, ap_per_class, match_predictions
+from utils.nms import non_max_suppression
+from utils.torch_utils import time_sync
+
+LOGGER = logging.getLogger(__name__)
+
+HEADER = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
+ROW = "%22s" + "%11i" * 2 + "%11.3g" * 4
+IOU_THRESHOLDS = torch.linspace(0.5, 0.95, 10)  # mAP@0.5:0.95
+
+
+@dataclass
+class EvalResult:
+    """Scores of one evaluation; field names follow val.py's printed table."""
+
+    mp: float = 0.0
+    mr: float = 0.0
+    map50: float = 0.0
+    map: float = 0.0
+    seen: int = 0
+    instances: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))  # per class
+    ap_class: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+    p: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    r: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    ap50: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    ap: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    maps: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per class mAP50-95, nc long
+    speeds_ms: tuple = (0.0, 0.0, 0.0)  # pre-process, inference, NMS per image
+    loss: Optional[torch.Tensor] = None  # mean (box, obj, cls) when a loss function was given
+
+    def row(self, name: str = "all") -> str:
+        return ROW % (name, self.seen, self.instances.sum(), self.mp, self.mr, self.map50, self.map)
+
+
+@dataclass
+class EvalOptions:
+    conf_thres: float = 0.001
+    iou_thres: float = 0.6
+    max_det: int = 300
+    single_cls: bool = False
+    augment: bool = False
+    half: bool = False
+
+
+def _image_stats(pred, labels, image_shape, shape0, ratio_pad, iouv, confusion):
+    """Correctness matrix and predictions of one image, in original-image pixels."""
+    npr = pred.shape[0]
+    correct = torch.zeros(npr, iouv.numel(), dtype=torch.bool)
+    predn = pred.clone()
+    scale_boxes(image_shape, predn[:, :4], shape0, ratio_pad)
+    if labels.shape[0]:
+        tbox = xywh2xyxy(labels[:, 1:5])
+        scale_boxes(image_shape, tbox, shape0, ratio_pad)
+        labelsn = torch.cat((labels[:, 0:1], tbox), 1)
+        correct = torch.from_numpy(np.asarray(match_predictions(predn, labelsn, iouv)))
+        if confusion is not None:
+            confusion.process_batch(predn, labelsn)
+    return correct, predn
+
+
+def evaluate(
+    model: Callable,
+    dataloader,
+    device: torch.device,
+    nc: int,
+    names: dict,
+    options: EvalOptions = EvalOptions(),
+    compute_loss: Optional[Callable] = None,
+    save_dir: Optional[Path] = None,
+    plots: bool = False,
+    on_image: Optional[Callable] = None,
+) -> EvalResult:
+    """Run `model` (eval mode, returns (decoded, raw maps)) over `dataloader` and compute mAP.
+
+    `on_image(predn, path, shape0)` is called with each image's detections in original pixels (used by
+    val.py to write txt/json). Plots (PR curves, confusion matrix, batch mosaics) go to `save_dir`.
+    """
+    iouv = IOU_THRESHOLDS.to(device)
+    confusion = ConfusionMatrix(nc=nc) if plots else None
+    stats, seen = [], 0
+    dt = [0.0, 0.0, 0.0]
+    loss = torch.zeros(3, device=device)
+    for batch_i, (im, targets, paths, shapes) in enumerate(
+            tqdm(dataloader, desc=HEADER, bar_format=TQDM_BAR_FORMAT)):
+        t0 = time_sync()
+        im = im.to(device, non_blocking=True)
+        im = (im.half() if options.half else im.float()) / 255
+        targets = targets.to(device)
+        nb, _, height, width = im.shape
+        t1 = time_sync()
+        out = model(im, augment=options.augment) if options.augment else model(im)
+        preds, raw = (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
+        t2 = time_sync()
+        if compute_loss is not None and raw is not None:
+            loss += compute_loss(raw, targets)[1]
+        targets[:, 2:] *= torch.tensor((width, height, width, height), device=device)
+        preds = non_max_suppression(preds, options.conf_thres, options.iou_thres, multi_label=True,
+                                    agnostic=options.single_cls, max_det=options.max_det)
+        t3 = time_sync()
+        dt = [dt[0] + t1 - t0, dt[1] + t2 - t1, dt[2] + t3 - t2]
+        for si, pred in enumerate(preds):
+            labels = targets[targets[:, 0] == si, 1:]
+            seen += 1
+            if pred.shape[0] == 0:
+                if labels.shape[0]:
+                    stats.append((torch.zeros(0, iouv.numel(), dtype=torch.bool), torch.zeros(0),
+                                  torch.zeros(0), labels[:, 0].cpu()))
+                    if confusion is not None:
+                        confusion.process_batch(None, labels[:, 0])
+                continue
+            if options.single_cls:
+                pred[:, 5] = 0
+            correct, predn = _image_stats(pred, labels, im[si].shape[1:], shapes[si][0], shapes[si][1],
+                                          iouv, confusion)
+            stats.append((correct.cpu(), pred[:, 4].cpu(), pred[:, 5].cpu(), labels[:, 0].cpu()))
+            if on_image is not None:
+                on_image(predn, Path(paths[si]), shapes[si][0])
+        if plots and save_dir is not None and batch_i < 3:
+            _plot_batch(im, targets, preds, paths, names, save_dir, batch_i)
+
+    result = _summarise(stats, nc, names, plots, save_dir)
+    result.seen = seen
+    result.speeds_ms = tuple(x / max(seen, 1) * 1e3 for x in dt)
+    if compute_loss is not None:
+        result.loss = loss.cpu() / max(len(dataloader), 1)
+    if confusion is not None and save_dir is not None:
+        confusion.plot(save_dir=save_dir, names=list(names.values()))
+    return result
+
+
+def _summarise(stats, nc, names, plots, save_dir) -> EvalResult:
+    result = EvalResult(maps=np.zeros(nc))
+    if not stats:
+        result.instances = np.zeros(nc, dtype=int)
+        return result
+    tp, conf, pred_cls, target_cls = (torch.cat(x, 0).cpu().numpy() for x in zip(*stats))
+    result.instances = np.bincount(target_cls.astype(int), minlength=nc)
+    if tp.shape[0] and tp.any():
+        _, _, p, r, _, ap, ap_class = ap_per_class(tp, conf, pred_cls, target_cls, plot=plots and save_dir is not None,
+                                                   save_dir=save_dir or Path("."), names=names)
+        result.ap50, result.ap = ap[:, 0], ap.mean(1)
+        result.p, result.r, result.ap_class = p, r, ap_class
+        result.mp, result.mr = float(p.mean()), float(r.mean())
+        result.map50, result.map = float(result.ap50.mean()), float(result.ap.mean())
+    result.maps = np.zeros(nc) + result.map
+    for i, c in enumerate(result.ap_class):
+        result.maps[c] = result.ap[i]
+    return result
+
+
+def print_results(result: EvalResult, names: dict, per_class: bool, batch_shape=None) -> None:
+    """Upstream's table: the `all` row, optional per-class rows, and the speed line."""
+    LOGGER.info(result.row("all"))
+    if result.instances.sum() == 0:
+        LOGGER.warning("WARNING: no labels found in the set, can not compute metrics without labels")
+    if per_class and len(names) > 1:
+        for i, c in enumerate(result.ap_class):
+            LOGGER.info(ROW % (names[c], result.seen, result.instances[c], result.p[i], result.r[i],
+                               result.ap50[i], result.ap[i]))
+    if batch_shape is not None:
+        LOGGER.info("Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape %s"
+                    % (*result.speeds_ms, tuple(batch_shape)))
+
+
+def _plot_batch(im, targets, preds, paths, names, save_dir, batch_i) -> None:
+    from utils.plots import plot_images
+
+    plot_images(im, targets, paths, save_dir / f"val_batch{batch_i}_labels.jpg", names)
+    plot_images(im, detections_to_targets(preds), paths, save_dir / f"val_batch{batch_i}_pred.jpg", names)
+
+
+def detections_to_targets(preds: list) -> torch.Tensor:
+    """Per-image NMS output -> one (n, 7) tensor [batch index, class, x, y, w, h, conf] for plotting."""
+    from utils.boxes import xyxy2xywh
+
+    rows = [torch.cat((torch.full((p.shape[0], 1), i, device=p.device), p[:, 5:6], xyxy2xywh(p[:, :4]),
+                       p[:, 4:5]), 1) for i, p in enumerate(preds)]
+    return torch.cat(rows, 0).cpu() if rows else torch.zeros(0, 7)

@@ -1,0 +1,303 @@
+"""Torch helpers for training and validation: device choice, seeding, EMA weights, optimizer groups,
+learning-rate lambdas, early stopping and state-dict matching (behaviour of YOLOv5 v7.0)."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import random
+import time
+from contextlib import contextmanager
+from copy import deepcopy
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+LOGGER = logging.getLogger(__name__)
+
+# Normalization layers: their weights (scales) are trained without weight decay, as upstream does.
+NORM_LAYERS = tuple(v for k, v in vars(nn).items() if "Norm" in k and isinstance(v, type))
+
+
+def _parse_device(device: str | int | torch.device | None) -> str:
+    """Normalise a device request to '', 'cpu', 'mps' or a comma-separated list of CUDA ids."""
+    text = str(device if device is not None else "").strip().lower().replace(" ", "")
+    text = text.replace("cuda:", "").replace("none", "")
+    return "0" if text == "cuda" else text
+
+
+def select_device(device: str | int | torch.device | None = "", batch_size: int = 0) -> torch.device:
+    """Pick the torch device for a ``--device`` value: '' (first GPU, else CPU), 'cpu', 'mps',
+    '0' or '0,1' (CUDA ids; the first one is returned, DDP sets its own per rank).
+
+    Unlike upstream, the environment (CUDA_VISIBLE_DEVICES) is not modified: ids are validated against
+    ``torch.cuda.device_count()``. An unusable request raises ValueError.
+    """
+    request = _parse_device(device)
+    header = f"Python-{platform.python_version()} torch-{torch.__version__} "
+    if request == "cpu":
+        LOGGER.info(header + "CPU")
+        return torch.device("cpu")
+    if request == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ValueError("--device mps: Apple MPS is not available on this machine, use --device cpu")
+        LOGGER.info(header + "MPS")
+        return torch.device("mps")
+    if not request:
+        if not torch.cuda.is_available():
+            LOGGER.info(header + "CPU")
+            return torch.device("cpu")
+        request = "0"
+    ids = _cuda_ids(request, batch_size)
+    lines = []
+    for i in ids:
+        p = torch.cuda.get_device_properties(i)
+        lines.append(f"CUDA:{i} ({p.name}, {p.total_memory / (1 << 20):.0f}MiB)")
+    LOGGER.info(header + ("\n" + " " * len(header)).join(lines))
+    return torch.device(f"cuda:{ids[0]}")
+
+
+def _cuda_ids(request: str, batch_size: int) -> list[int]:
+    """Validate comma-separated CUDA ids against the visible devices and the batch size."""
+    try:
+        ids = [int(x) for x in request.split(",") if x != ""]
+    except ValueError:
+        raise ValueError(f"--device {request!r}: expected 'cpu', 'mps' or CUDA ids like '0' or '0,1'") from None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    bad = [i for i in ids if not 0 <= i < count]
+    if not ids or bad:
+        raise ValueError(f"--device {request!r}: invalid CUDA device(s) {bad or request}, "
+                         f"{count} visible; use --device cpu or valid ids")
+    if len(ids) > 1 and batch_size > 0 and batch_size % len(ids):
+        raise ValueError(f"--batch-size {batch_size} is not a multiple of the {len(ids)} GPUs in --device {request}")
+    return ids
+
+
+def init_seeds(seed: int = 0, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch (CPU and every CUDA device).
+
+    ``deterministic`` also asks torch for deterministic algorithms (warning, not failing, on ops that
+    have none) and cuDNN determinism; cuBLAS needs CUBLAS_WORKSPACE_CONFIG, which is set only if unset.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def time_sync() -> float:
+    """A timer reading (seconds) taken after pending CUDA work finished, for honest durations."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def is_parallel(model: nn.Module) -> bool:
+    """True for a model wrapped in DataParallel or DistributedDataParallel."""
+    return isinstance(model, (nn.parallel.DataParallel, nn.parallel.DistributedDataParallel))
+
+
+def de_parallel(model: nn.Module) -> nn.Module:
+    """The bare model inside a DP/DDP wrapper (the model itself otherwise)."""
+    return model.module if is_parallel(model) else model
+
+
+@contextmanager
+def torch_distributed_zero_first(local_rank: int) -> Iterator[None]:
+    """Let the local master (rank 0) run the block first while the other ranks wait, e.g. for caching."""
+    import torch.distributed as dist
+
+    def barrier() -> None:
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[max(local_rank, 0)])
+        else:
+            dist.barrier()
+
+    if local_rank not in (-1, 0):
+        barrier()
+    yield
+    if local_rank == 0:
+        barrier()
+
+
+def smart_inference_mode(enabled: bool = True) -> torch.inference_mode:
+    """Decorator/context manager for evaluation code: ``@smart_inference_mode()``.
+
+    Tensors created inside cannot later take part in autograd; use it for validation and export only.
+    """
+    return torch.inference_mode(enabled)
+
+
+def intersect_dicts(da: dict, db: dict, exclude: Iterable[str] = ()) -> dict:
+    """Entries of ``da`` whose key is in ``db`` with the same shape and contains no ``exclude`` substring."""
+    exclude = tuple(exclude)
+    return {k: v for k, v in da.items()
+            if k in db and not any(x in k for x in exclude) and v.shape == db[k].shape}
+
+
+class ModelEMA:
+    """Exponential moving average of a model's state (weights AND buffers), as in YOLOv5 v7.0.
+
+    The decay ramps up as ``decay * (1 - exp(-updates / tau))`` so early, noisy weights fade fast.
+    Floating-point entries are averaged; other entries (counters, flags, integer buffers) are copied.
+    Buffers added by QAT modules (e.g. quantizer scales) are therefore carried too. If the model's
+    structure changes after the EMA was made (modules added or removed, or a buffer changes shape, as
+    when a model is prepared for QAT), ``update`` rebuilds the EMA copy from the model, keeping the
+    averaged values of every entry that still matches, and logs a warning.
+
+    Example::
+
+        ema = ModelEMA(model)
+        ...; optimizer.step(); ema.update(model)
+        ema.update_attr(model)  # before saving: copy yaml, nc, names, stride ...
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000, updates: int = 0):
+        self.ema = self._frozen_copy(model)
+        self.updates = updates
+        self.decay_max = decay
+        self.tau = tau
+
+    @staticmethod
+    def _frozen_copy(model: nn.Module) -> nn.Module:
+        ema = deepcopy(de_parallel(model)).eval()
+        for p in ema.parameters():
+            p.requires_grad_(False)
+        return ema
+
+    def decay(self, updates: int) -> float:
+        """Mixing weight kept from the EMA after ``updates`` updates."""
+        return self.decay_max * (1 - math.exp(-updates / self.tau))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Mix the model's current state into the EMA: ``ema = d * ema + (1 - d) * model``."""
+        self.updates += 1
+        d = self.decay(self.updates)
+        msd = de_parallel(model).state_dict()
+        esd = self.ema.state_dict()
+        if esd.keys() != msd.keys() or any(v.shape != msd[k].shape for k, v in esd.items()):
+            self._rebuild(model, esd)
+            esd = self.ema.state_dict()
+        for k, v in esd.items():
+            m = msd[k].detach()
+            if v.dtype.is_floating_point:
+                v *= d  # two steps, not a fused add, to round exactly as upstream does
+                v += (1 - d) * m.to(device=v.device, dtype=v.dtype)
+            else:
+                v.copy_(m.to(v.device))
+
+    def _rebuild(self, model: nn.Module, old: dict) -> None:
+        """Re-copy the model's structure, keeping averaged values for entries that still match."""
+        fresh = self._frozen_copy(model)
+        kept = intersect_dicts(old, fresh.state_dict())
+        LOGGER.warning(f"ModelEMA: model structure changed; EMA rebuilt from the model, "
+                       f"{len(kept)}/{len(fresh.state_dict())} averaged entries kept")
+        fresh.load_state_dict(kept, strict=False)
+        self.ema = fresh
+
+    def update_attr(self, model: nn.Module, include: Iterable[str] = ("yaml", "nc", "hyp", "names", "stride"),
+                    exclude: Iterable[str] = ()) -> None:
+        """Copy plain attributes (not parameters) named in ``include`` from the model to the EMA."""
+        source = de_parallel(model)
+        include, exclude = tuple(include), tuple(exclude)
+        for k, v in vars(source).items():
+            if (include and k not in include) or k.startswith("_") or k in exclude:
+                continue
+            setattr(self.ema, k, v)
+
+
+def smart_optimizer(model: nn.Module, name: str = "SGD", lr: float = 0.01, momentum: float = 0.9,
+                    decay: float = 1e-5) -> torch.optim.Optimizer:
+    """Optimizer with upstream's three parameter groups, in upstream's order.
+
+    group 0: biases (no decay; the warm-up gives this group ``warmup_bias_lr``),
+    group 1: weights of conv/linear layers (``weight_decay=decay``),
+    group 2: weights of normalization layers (no decay).
+    Parameters with other names (e.g. learnable quantizer scales) join the no-decay group 2; upstream
+    models have none, so their group sizes are unchanged. ``name``: SGD (Nesterov), Adam, AdamW, RMSProp.
+    """
+    biases, weights, no_decay = [], [], []
+    for module in model.modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            if p_name == "bias":
+                biases.append(p)
+            elif p_name == "weight" and not isinstance(module, NORM_LAYERS):
+                weights.append(p)
+            else:
+                no_decay.append(p)
+    optimizer = _make_optimizer(biases, name, lr, momentum)
+    optimizer.add_param_group({"params": weights, "weight_decay": decay})
+    optimizer.add_param_group({"params": no_decay, "weight_decay": 0.0})
+    LOGGER.info(f"optimizer: {type(optimizer).__name__}(lr={lr}) with parameter groups "
+                f"{len(no_decay)} weight(decay=0.0), {len(weights)} weight(decay={decay}), {len(biases)} bias")
+    return optimizer
+
+
+def _make_optimizer(params: list, name: str, lr: float, momentum: float) -> torch.optim.Optimizer:
+    if name == "SGD":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, foreach=True)
+    if name == "Adam":
+        return torch.optim.Adam(params, lr=lr, betas=(momentum, 0.999), foreach=True)
+    if name == "AdamW":
+        return torch.optim.AdamW(params, lr=lr, betas=(momentum, 0.999), weight_decay=0.0, foreach=True)
+    if name == "RMSProp":
+        return torch.optim.RMSprop(params, lr=lr, momentum=momentum, foreach=True)
+    raise ValueError(f"--optimizer {name!r}: unknown, choose SGD, Adam, AdamW or RMSProp")
+
+
+@dataclass(frozen=True)
+class one_cycle:  # noqa: N801 - a function-like name, as upstream calls it
+    """Cosine ramp from ``y1`` at step 0 to ``y2`` at ``steps``; a picklable LambdaLR factor.
+
+    Example: ``LambdaLR(opt, lr_lambda=one_cycle(1, hyp['lrf'], epochs))``.
+    """
+
+    y1: float = 0.0
+    y2: float = 1.0
+    steps: int = 100
+
+    def __call__(self, x: float) -> float:
+        return ((1 - math.cos(x * math.pi / self.steps)) / 2) * (self.y2 - self.y1) + self.y1
+
+
+@dataclass(frozen=True)
+class linear_lr:  # noqa: N801 - used like upstream's lambda
+    """Linear decay of the LR factor from 1 at epoch 0 to ``lrf`` at ``epochs``; picklable."""
+
+    lrf: float
+    epochs: int
+
+    def __call__(self, x: float) -> float:
+        return (1 - x / self.epochs) * (1.0 - self.lrf) + self.lrf
+
+
+class EarlyStopping:
+    """Stop training when fitness has not improved for ``patience`` epochs (0 or None: never stop)."""
+
+    def __init__(self, patience: int | None = 30):
+        self.best_fitness = 0.0
+        self.best_epoch = 0
+        self.patience = patience or float("inf")
+        self.possible_stop = False  # True on the last epoch before a stop would trigger
+
+    def __call__(self, epoch: int, fitness: float) -> bool:
+        """Record this epoch's fitness; return True when training should stop."""
+        if fitness >= self.best_fitness:  # '>=' lets an all-zero early phase keep moving best_epoch
+            self.best_epoch, self.best_fitness = epoch, fitness
+        waited = epoch - self.best_epoch
+        self.possible_stop = waited >= self.patience - 1
+        stop = waited >= self.patience
+        if stop:
+            LOGGER.info(f"Stopping training early: no improvement in the last {self.patience} epochs; "
+                        f"best results at epoch {self.best_epoch} (fitness {self.best_fitness:.5f}). "
+                        f"Use --patience 0 to disable early stopping.")
+        return stop

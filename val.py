@@ -1,0 +1,208 @@
+"""Validate a detector (official YOLOv5 checkpoint or one of ours) on a dataset, as YOLOv5 v7.0 does.
+
+Usage:
+    python val.py --weights yolov5s.pt --data data/coco128.yaml --img 640
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from utils.boxes import xyxy2xywh
+from utils.evaluate import EvalOptions, evaluate, print_results
+
+LOGGER = logging.getLogger("val")
+ROOT = Path(__file__).resolve().parent
+TASKS = ("train", "val", "test", "speed")
+
+
+def coco80_to_coco91() -> list[int]:
+    """COCO category ids of the 80 classes (the 91-id scheme skips 11 unused ids)."""
+    unused = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}
+    return [i for i in range(1, 91) if i not in unused]
+
+
+class DetectionWriter:
+    """Writes per-image detections as YOLO txt rows and/or COCO json records."""
+
+    def __init__(self, save_dir: Path, save_txt: bool, save_conf: bool, save_json: bool, coco_ids: bool):
+        self.labels_dir = save_dir / "labels"
+        self.save_txt, self.save_conf, self.save_json = save_txt, save_conf, save_json
+        self.class_map = coco80_to_coco91() if coco_ids else None
+        self.records: list[dict] = []
+        if save_txt:
+            self.labels_dir.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, predn: torch.Tensor, path: Path, shape0) -> None:
+        if self.save_txt:
+            self._write_txt(predn, path, shape0)
+        if self.save_json:
+            self._add_json(predn, path)
+
+    def _write_txt(self, predn, path, shape0) -> None:
+        gain = torch.tensor(shape0, dtype=torch.float32)[[1, 0, 1, 0]]
+        lines = []
+        for *xyxy, conf, cls in predn.tolist():
+            xywh = (xyxy2xywh(torch.tensor(xyxy).view(1, 4)) / gain).view(-1).tolist()
+            row = (cls, *xywh, conf) if self.save_conf else (cls, *xywh)
+            lines.append(("%g " * len(row)).rstrip() % row)
+        with open(self.labels_dir / f"{path.stem}.txt", "a") as f:
+            f.write("".join(line + "\n" for line in lines))
+
+    def _add_json(self, predn, path) -> None:
+        image_id = int(path.stem) if path.stem.isnumeric() else path.stem
+        box = xyxy2xywh(predn[:, :4])
+        box[:, :2] -= box[:, 2:] / 2  # centre -> top-left corner
+        for p, b in zip(predn.tolist(), box.tolist()):
+            cls = int(p[5])
+            self.records.append({"image_id": image_id,
+                                 "category_id": self.class_map[cls] if self.class_map else cls,
+                                 "bbox": [round(x, 3) for x in b],
+                                 "score": round(p[4], 5)})
+
+
+def score_coco_json(pred_json: Path, anno_json: Path, im_files: list[str]) -> tuple[float, float] | None:
+    """mAP50-95 and mAP50 from pycocotools, or None when it is not installed."""
+    try:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    except ImportError:
+        LOGGER.warning("pycocotools is not installed: skipping COCO json scoring (pip install pycocotools)")
+        return None
+    anno = COCO(str(anno_json))
+    pred = anno.loadRes(str(pred_json))
+    cocoeval = COCOeval(anno, pred, "bbox")
+    cocoeval.params.imgIds = [int(Path(x).stem) for x in im_files if Path(x).stem.isnumeric()]
+    cocoeval.evaluate()
+    cocoeval.accumulate()
+    cocoeval.summarize()
+    return float(cocoeval.stats[0]), float(cocoeval.stats[1])
+
+
+@torch.no_grad()
+def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thres=0.6, max_det=300,
+        task="val", device="", workers=8, single_cls=False, augment=False, verbose=False, save_txt=False,
+        save_conf=False, save_json=False, project=ROOT / "runs/val", name="exp", exist_ok=False,
+        half=True, model=None, dataloader=None, save_dir=Path(""), plots=True, compute_loss=None):
+    """Validate and return ((P, R, mAP50, mAP50-95, *mean losses), per-class mAPs, speeds in ms).
+
+    Called with `weights` from the command line, or in-process by training with `model` and
+    `dataloader` already built (then nothing is loaded and the run folder is the caller's).
+    """
+    from utils.data_config import check_img_size, load_data_config
+
+    training = model is not None
+    if training:
+        device = next(model.parameters()).device
+        half &= device.type != "cpu"
+        data = load_data_config(data) if not isinstance(data, dict) or "nc" not in data else data
+    else:
+        from utils.checkpoint import load_model
+        from utils.paths import increment_path
+        from utils.torch_utils import select_device
+
+        device = select_device(device, batch_size=batch_size)
+        save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
+        (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
+        model, _ = load_model(weights, device=device, fuse=True)
+        half &= device.type != "cpu"
+        stride = max(int(model.stride.max()), 32)
+        imgsz = check_img_size(imgsz, stride)
+        data = load_data_config(data)
+    model = model.half() if half else model.float()
+    model.eval()
+    nc = 1 if single_cls else int(data["nc"])
+    names = {0: "item"} if single_cls and len(data["names"]) != 1 else dict(data["names"])
+    if not training:
+        model_nc = int(model.model[-1].nc)
+        if model_nc != nc and not single_cls:
+            raise ValueError(f"{weights}: model has {model_nc} classes but {data['yaml_file']} has {nc}; "
+                             "pass matching --data or --single-cls")
+        dataloader = _make_dataloader(data, task, imgsz, batch_size, stride, single_cls, workers)
+    if task == "speed":
+        conf_thres, iou_thres = 0.25, 0.45
+    anno_json = Path(data.get("path", "")) / "annotations" / "instances_val2017.json"
+    writer = DetectionWriter(save_dir, save_txt, save_conf, save_json, coco_ids=anno_json.is_file())
+    options = EvalOptions(conf_thres, iou_thres, max_det, single_cls, augment, half)
+    result = evaluate(model, dataloader, device, nc, names, options, compute_loss=compute_loss,
+                      save_dir=save_dir if plots else None, plots=plots,
+                      on_image=writer if (save_txt or save_json) else None)
+    print_results(result, names, per_class=(verbose or (nc < 50 and not training)),
+                  batch_shape=None if training else (batch_size, 3, imgsz, imgsz))
+    if save_json and writer.records:
+        result = _save_and_score_json(writer, weights, save_dir, anno_json, dataloader, result)
+    if not training:
+        saved = f"\n{len(list(writer.labels_dir.glob('*.txt')))} labels saved to {writer.labels_dir}" if save_txt else ""
+        LOGGER.info(f"Results saved to {save_dir}{saved}")
+    losses = result.loss.tolist() if result.loss is not None else [0.0, 0.0, 0.0]
+    return (result.mp, result.mr, result.map50, result.map, *losses), result.maps, result.speeds_ms
+
+
+def _make_dataloader(data, task, imgsz, batch_size, stride, single_cls, workers):
+    from utils.dataset import create_dataloader
+    from utils.log import colorstr
+
+    split = task if task in ("train", "val", "test") else "val"
+    if not data.get(split):
+        raise ValueError(f"{data['yaml_file']}: no '{split}' split defined")
+    pad = 0.0 if task == "speed" else 0.5
+    return create_dataloader(data[split], imgsz, batch_size, stride, single_cls, pad=pad, rect=task != "speed",
+                             workers=workers, prefix=colorstr(f"{split}: "))[0]
+
+
+def _save_and_score_json(writer, weights, save_dir, anno_json, dataloader, result):
+    stem = Path(weights if isinstance(weights, (str, Path)) else "model").stem
+    pred_json = save_dir / f"{stem}_predictions.json"
+    pred_json.write_text(json.dumps(writer.records))
+    LOGGER.info(f"Saved {len(writer.records)} detections to {pred_json}")
+    if anno_json.is_file():
+        scores = score_coco_json(pred_json, anno_json, dataloader.dataset.im_files)
+        if scores is not None:
+            result.map, result.map50 = scores
+    return result
+
+
+def parse_opt(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=str, default=str(ROOT / "data/coco128.yaml"), help="dataset.yaml path")
+    parser.add_argument("--weights", type=str, default=str(ROOT / "yolov5s.pt"), help="model path (.pt)")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size")
+    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="inference size (pixels)")
+    parser.add_argument("--conf-thres", type=float, default=0.001, help="confidence threshold")
+    parser.add_argument("--iou-thres", type=float, default=0.6, help="NMS IoU threshold")
+    parser.add_argument("--max-det", type=int, default=300, help="maximum detections per image")
+    parser.add_argument("--task", default="val", choices=TASKS, help="train, val, test or speed")
+    parser.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
+    parser.add_argument("--workers", type=int, default=8, help="max dataloader workers")
+    parser.add_argument("--single-cls", action="store_true", help="treat as single-class dataset")
+    parser.add_argument("--augment", action="store_true", help="augmented inference (TTA)")
+    parser.add_argument("--verbose", action="store_true", help="report mAP by class")
+    parser.add_argument("--save-txt", action="store_true", help="save results to *.txt")
+    parser.add_argument("--save-conf", action="store_true", help="save confidences in --save-txt labels")
+    parser.add_argument("--save-json", action="store_true", help="save a COCO-JSON results file")
+    parser.add_argument("--project", default=str(ROOT / "runs/val"), help="save to project/name")
+    parser.add_argument("--name", default="exp", help="save to project/name")
+    parser.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
+    parser.add_argument("--half", action="store_true", help="use FP16 half-precision inference (CUDA only)")
+    return parser.parse_args(argv)
+
+
+def main(opt) -> int:
+    from utils.log import setup_logging
+
+    setup_logging()
+    try:
+        run(**vars(opt))
+    except (ValueError, OSError) as e:  # library errors carry file and reason in one line
+        LOGGER.error(f"val.py: error: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_opt()))
