@@ -1,0 +1,210 @@
+"""Train a YOLOv5 detector on a custom dataset (flags as YOLOv5 v7.0's train.py).
+
+Usage:
+    python train.py --data synthetic.yaml --cfg yolov5n.yaml --weights '' --img 256   # from scratch
+    python train.py --data coco128.yaml --weights yolov5s.pt --img 640                 # fine-tune
+    python train.py --resume                           # continue the latest runs/train/exp*/weights/last.pt
+    torchrun --nproc_per_node 2 train.py ...           # DDP (nccl on CUDA, gloo on CPU)
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+LOGGER = logging.getLogger("train")
+ROOT = Path(__file__).resolve().parent
+ACTIVATIONS = ("silu", "relu", "relu6")
+
+
+def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse train.py's command line (``argv`` None reads sys.argv)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--weights", type=str, default="yolov5s.pt", help="initial weights path ('' for none)")
+    p.add_argument("--cfg", type=str, default="", help="model.yaml path")
+    p.add_argument("--data", type=str, default=str(ROOT / "data/synthetic.yaml"), help="dataset.yaml path")
+    p.add_argument("--hyp", type=str, default=str(ROOT / "data/hyps/hyp.scratch-low.yaml"), help="hyperparameters path")
+    p.add_argument("--epochs", type=int, default=100, help="total training epochs")
+    p.add_argument("--batch-size", type=int, default=16, help="total batch size for all GPUs")
+    p.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="train, val image size (pixels)")
+    p.add_argument("--rect", action="store_true", help="rectangular training")
+    p.add_argument("--resume", nargs="?", const=True, default=False, help="resume most recent training")
+    p.add_argument("--nosave", action="store_true", help="only save final checkpoint")
+    p.add_argument("--noval", action="store_true", help="only validate final epoch")
+    p.add_argument("--noautoanchor", action="store_true", help="disable AutoAnchor")
+    p.add_argument("--noplots", action="store_true", help="save no plot files")
+    p.add_argument("--evolve", type=int, nargs="?", const=300, help="not supported here")
+    p.add_argument("--cache", type=str, nargs="?", const="ram", help="image --cache ram/disk")
+    p.add_argument("--image-weights", action="store_true", help="not supported here")
+    p.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
+    p.add_argument("--multi-scale", action="store_true", help="vary img-size +/- 50%%")
+    p.add_argument("--single-cls", action="store_true", help="train multi-class data as single-class")
+    p.add_argument("--optimizer", type=str, choices=["SGD", "Adam", "AdamW"], default="SGD", help="optimizer")
+    p.add_argument("--sync-bn", action="store_true", help="use SyncBatchNorm, only available in DDP mode")
+    p.add_argument("--workers", type=int, default=8, help="max dataloader workers (per RANK in DDP mode)")
+    p.add_argument("--project", default=str(ROOT / "runs/train"), help="save to project/name")
+    p.add_argument("--name", default="exp", help="save to project/name")
+    p.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
+    p.add_argument("--quad", action="store_true", help="not supported here")
+    p.add_argument("--cos-lr", action="store_true", help="cosine LR scheduler")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="Label smoothing epsilon")
+    p.add_argument("--patience", type=int, default=100, help="EarlyStopping patience (epochs without improvement)")
+    p.add_argument("--freeze", nargs="+", type=int, default=[0], help="Freeze layers: backbone=10, first3=0 1 2")
+    p.add_argument("--save-period", type=int, default=-1, help="Save checkpoint every x epochs (disabled if < 1)")
+    p.add_argument("--seed", type=int, default=0, help="Global training seed")
+    p.add_argument("--local_rank", type=int, default=-1, help="Automatic DDP Multi-GPU argument, do not modify")
+    p.add_argument("--act", type=str, choices=ACTIVATIONS, default=None, help="activation for every conv block")
+    p.add_argument("--qat", action="store_true", help="quantization-aware training (power-of-2 INT8) from --weights")
+    p.add_argument("--qat-config", type=str, default=str(ROOT / "data/quant/default.yaml"),
+                   help="QAT config yaml (per-layer overrides), see data/quant/")
+    p.add_argument("--qat-observer-epochs", type=float, default=1.0,
+                   help="QAT: epochs (fractions allowed) during which observers calibrate ranges")
+    p.add_argument("--qat-freeze-bn-epoch", type=int, default=2,
+                   help="QAT: epoch from which BN statistics are frozen (-1: never)")
+    p.add_argument("--qat-graphs", action="store_true", help="QAT: write Graphviz graphs before/after prepare")
+    return p.parse_args(argv)
+
+
+def _refuse_unsupported(opt: argparse.Namespace) -> None:
+    for flag, on in (("--evolve", opt.evolve), ("--image-weights", opt.image_weights), ("--quad", opt.quad)):
+        if on:
+            raise ValueError(f"{flag} is not supported by this trainer; run without it")
+
+
+def _latest_run(project: str | Path) -> Path:
+    runs = sorted(Path(project).glob("*/weights/last.pt"), key=lambda f: f.stat().st_mtime)
+    if not runs:
+        raise FileNotFoundError(f"{project}: no */weights/last.pt to resume; pass --resume path/to/last.pt")
+    return runs[-1]
+
+
+def _resumed_opt(opt: argparse.Namespace) -> argparse.Namespace:
+    """The options of the run being resumed (stored in its checkpoint), pointed at its last.pt."""
+    from utils.checkpoint import CheckpointError, load_checkpoint
+
+    last = Path(opt.resume) if isinstance(opt.resume, (str, Path)) else _latest_run(opt.project)
+    saved = load_checkpoint(last).get("opt")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{last}: has no saved training options, can not resume")
+    new = argparse.Namespace(**{**vars(parse_opt([])), **saved})
+    new.cfg, new.weights, new.resume = "", str(last), True
+    new.save_dir = str(last.resolve().parent.parent)
+    return new
+
+
+def _find_weights(weights: str) -> str:
+    """A bare name like 'yolov5s.pt' may live in the repository's weights/ folder."""
+    if not weights or Path(weights).is_file():
+        return weights
+    for candidate in (ROOT / weights, ROOT / "weights" / Path(weights).name):
+        if candidate.is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"{weights}: weights file not found (see weights/README.md, "
+                            "or train from scratch with --weights '' --cfg yolov5n.yaml)")
+
+
+def _init_distributed(opt: argparse.Namespace) -> tuple[torch.device, bool]:
+    """Device for this process; joins the process group under torchrun (LOCAL_RANK set)."""
+    from utils.torch_utils import select_device
+
+    local_rank = int(os.getenv("LOCAL_RANK", -1))
+    device = select_device(opt.device, batch_size=opt.batch_size)
+    if local_rank == -1:
+        return device, False
+    import torch.distributed as dist
+
+    world = int(os.getenv("WORLD_SIZE", 1))
+    if opt.batch_size % world:
+        raise ValueError(f"--batch-size {opt.batch_size} must be a multiple of WORLD_SIZE {world}")
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return device, created
+
+
+def _make_save_dir(opt: argparse.Namespace) -> Path:
+    """Run folder: the resumed one, or a fresh numbered project/name (same on every DDP rank)."""
+    from utils.paths import check_writable_dir, increment_path
+
+    rank = int(os.getenv("RANK", -1))
+    save_dir = [opt.save_dir if opt.resume else None]
+    if rank in (-1, 0):
+        if not opt.resume:
+            save_dir[0] = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
+        check_writable_dir(save_dir[0])
+    if rank != -1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(save_dir, 0)
+    return Path(save_dir[0])
+
+
+def run(**kwargs):
+    """Train with train.py's flags as keyword arguments; returns the final (P, R, mAP50, mAP50-95, losses).
+
+    Example:
+        >>> run(data="synthetic.yaml", cfg="yolov5n.yaml", weights="", imgsz=128, epochs=1)  # doctest: +SKIP
+    """
+    from utils.torch_utils import init_seeds
+    from utils.trainer import Trainer
+
+    stop_after_epoch = kwargs.pop("_stop_after_epoch", None)  # test hook: simulate an interruption
+    opt = parse_opt([])
+    unknown = [k for k in kwargs if not hasattr(opt, k)]
+    if unknown:
+        raise TypeError(f"train.run: unknown options {unknown}")
+    for k, v in kwargs.items():
+        setattr(opt, k, v)
+    _refuse_unsupported(opt)
+    if opt.resume:
+        opt = _resumed_opt(opt)
+    else:
+        opt.weights = _find_weights(str(opt.weights or ""))
+        opt.cfg, opt.data, opt.project = str(opt.cfg or ""), str(opt.data), str(opt.project)
+        if opt.qat and Path(str(opt.hyp)) == ROOT / "data/hyps/hyp.scratch-low.yaml":
+            opt.hyp = str(ROOT / "data/hyps/hyp.qat.yaml")  # --qat without --hyp: QAT's own defaults
+        if isinstance(opt.hyp, (str, Path)):
+            with open(opt.hyp, encoding="utf-8") as fh:
+                opt.hyp = yaml.safe_load(fh)
+        opt.freeze = [int(x) for x in (opt.freeze if isinstance(opt.freeze, (list, tuple)) else [opt.freeze])]
+    device, created = _init_distributed(opt)
+    try:
+        opt.save_dir = str(_make_save_dir(opt))
+        init_seeds(opt.seed + 1 + int(os.getenv("RANK", -1)), deterministic=True)
+        trainer = Trainer(opt, device, Path(opt.save_dir), stop_after_epoch=stop_after_epoch)
+        trainer.setup()
+        return trainer.fit()
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def main(opt: argparse.Namespace) -> int:
+    """Run training from parsed flags; library errors become one line and exit code 1."""
+    from utils.log import setup_logging
+    from utils.trainer import NonFiniteLossError
+
+    setup_logging(rank=int(os.getenv("RANK", -1)))
+    if opt.evolve:
+        LOGGER.error("train.py: error: --evolve (hyperparameter evolution) is not supported")
+        return 2
+    try:
+        run(**vars(opt))
+    except (ValueError, OSError, NonFiniteLossError) as e:  # library errors carry file and reason
+        LOGGER.error(f"train.py: error: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_opt()))

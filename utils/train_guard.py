@@ -1,0 +1,59 @@
+"""Guards of the training loop: the non-finite step counter and the Ctrl-C handler."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+LOGGER = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced non-finite losses or gradients too many times in a row."""
+
+
+class StepGuard:
+    """Counts skipped (non-finite) steps and raises once ``limit`` happen in a row."""
+
+    def __init__(self, limit: int = 10, skipped: int = 0) -> None:
+        self.limit, self.skipped, self.in_a_row = limit, skipped, 0
+
+    def skip(self, what: str, ni: int) -> None:
+        """Record one skipped step (``what`` says why), raising when the limit is reached."""
+        self.skipped += 1
+        self.in_a_row += 1
+        LOGGER.warning(f"WARNING: non-finite {what} at iteration {ni}, step skipped "
+                       f"({self.in_a_row} in a row, {self.skipped} in total)")
+        if self.in_a_row >= self.limit:
+            raise NonFiniteLossError(f"training stopped: {self.in_a_row} consecutive steps with non-finite "
+                                     f"{what} (iteration {ni}); the last good checkpoint is kept")
+
+    def ok(self) -> None:
+        self.in_a_row = 0
+
+
+class StopOnSigint:
+    """While active, Ctrl-C sets ``trainer.interrupted`` (stop after this batch); a second Ctrl-C aborts.
+
+    Installed only in the main thread (signal handlers can not be set elsewhere).
+    """
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer, self.previous = trainer, None
+
+    def _handler(self, signum, frame) -> None:
+        if self.trainer.interrupted:
+            raise KeyboardInterrupt
+        LOGGER.warning("Interrupt received: stopping after this batch and saving last.pt (Ctrl-C again aborts)")
+        self.trainer.interrupted = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False

@@ -1,0 +1,160 @@
+"""Building blocks of a training run, as YOLOv5 v7.0's train.py sets them up: model from weights or
+yaml, frozen layers, optimizer with nominal-batch accumulation, LR lambda, loss gains, random-state
+capture for exact resumes, and our plain-data training checkpoints.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.yolo import DetectionModel
+from utils.checkpoint import (FORMAT, CheckpointError, is_official, load_checkpoint, make_checkpoint,
+                              save_checkpoint, transfer_state_dict)
+from utils.torch_utils import de_parallel, linear_lr, one_cycle, smart_optimizer
+
+LOGGER = logging.getLogger(__name__)
+
+NOMINAL_BATCH = 64  # upstream accumulates gradients up to this batch size
+TRAIN_ONLY_KEYS = ("optimizer", "train_state_dict", "train_state", "ema_state_dict")
+
+
+def _weights_entry(path: Path, ckpt: dict) -> tuple[dict, dict, dict]:
+    """(model yaml, state dict to start from, names) of a checkpoint of either format.
+
+    Like upstream, training starts from the raw (non-EMA) weights when a checkpoint has them.
+    """
+    if ckpt.get("format") == FORMAT:
+        state = ckpt.get("train_state_dict") or ckpt["state_dict"]
+        return ckpt["model_yaml"], state, ckpt.get("names") or {}
+    if is_official(ckpt):
+        module = ckpt.get("model") or ckpt.get("ema")
+        names = getattr(module, "names", None) or {}
+        names = dict(enumerate(names)) if isinstance(names, (list, tuple)) else dict(names)
+        return module.yaml, module.float().state_dict(), names
+    raise CheckpointError(f"{path}: neither an official YOLOv5 checkpoint nor format {FORMAT!r}")
+
+
+def build_model(weights: str | Path | None, cfg: str | Path | None, nc: int, hyp: dict, act: str | None,
+                resume: bool, device: torch.device) -> tuple[DetectionModel, dict | None]:
+    """The model to train: from ``weights`` (transferring what fits) or from the ``cfg`` yaml.
+
+    Returns the model and the loaded checkpoint dict (None when built from a yaml only).
+    """
+    anchors = hyp.get("anchors")
+    if weights:
+        ckpt = load_checkpoint(weights)
+        yaml_dict, state, _ = _weights_entry(Path(weights), ckpt)
+        model = DetectionModel(cfg or yaml_dict, ch=3, nc=nc, anchors=anchors, act=act)
+        exclude = ("anchor",) if (cfg or anchors) and not resume else ()
+        n = transfer_state_dict(model, state, exclude=exclude)
+        LOGGER.info(f"Transferred {n}/{len(model.state_dict())} items from {weights}")
+        return model.to(device), ckpt
+    if not cfg:
+        raise ValueError("train: give --weights (a .pt file) or --cfg (a model yaml), e.g. --cfg yolov5n.yaml")
+    return DetectionModel(cfg, ch=3, nc=nc, anchors=anchors, act=act).to(device), None
+
+
+def freeze_layers(model: nn.Module, freeze: list[int]) -> list[str]:
+    """Stop gradients of layers ``model.{i}.``: one number n freezes the first n, several name them."""
+    prefixes = [f"model.{x}." for x in (freeze if len(freeze) > 1 else range(freeze[0]))]
+    frozen = []
+    for name, p in model.named_parameters():
+        p.requires_grad = True
+        if any(x in name for x in prefixes):
+            p.requires_grad = False
+            frozen.append(name)
+    if frozen:
+        LOGGER.info(f"freezing {len(frozen)} parameters in {len(prefixes)} layers")
+    return frozen
+
+
+def make_optimizer(model: nn.Module, name: str, hyp: dict, batch_size: int) -> tuple[torch.optim.Optimizer, int]:
+    """Optimizer and accumulation steps; weight decay scales with the effective batch (edits ``hyp``)."""
+    accumulate = max(round(NOMINAL_BATCH / batch_size), 1)
+    hyp["weight_decay"] *= batch_size * accumulate / NOMINAL_BATCH
+    return smart_optimizer(model, name, hyp["lr0"], hyp["momentum"], hyp["weight_decay"]), accumulate
+
+
+def lr_lambda(cos_lr: bool, lrf: float, epochs: int):
+    """The per-epoch LR factor: cosine one-cycle or linear decay to ``lrf``."""
+    return one_cycle(1, lrf, epochs) if cos_lr else linear_lr(lrf, epochs)
+
+
+def scale_loss_gains(hyp: dict, nl: int, nc: int, imgsz: int, label_smoothing: float) -> dict:
+    """Scale box/cls/obj gains to the number of levels, classes and image size (upstream rule)."""
+    hyp = dict(hyp)
+    hyp["box"] *= 3 / nl
+    hyp["cls"] *= nc / 80 * 3 / nl
+    hyp["obj"] *= (imgsz / 640) ** 2 * 3 / nl
+    hyp["label_smoothing"] = label_smoothing
+    return hyp
+
+
+def fitness(results: tuple | list) -> float:
+    """0.1 * mAP50 + 0.9 * mAP50-95 of (P, R, mAP50, mAP50-95, ...)."""
+    return 0.1 * float(results[2]) + 0.9 * float(results[3])
+
+
+def get_rng_state() -> dict:
+    """torch, numpy and python random states as plain data (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+            "python": [version, list(internal), gauss_next]}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`get_rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def training_checkpoint(model: nn.Module, ema: Any, optimizer: torch.optim.Optimizer, epoch: int,
+                        best_fitness: float, opt: dict, train_state: dict) -> dict:
+    """Our checkpoint: EMA weights (float32) as 'state_dict', plus what an exact resume needs."""
+    quant = None
+    if hasattr(ema.ema, "qat_config"):  # a prepared (fake-quantized) model: record how to rebuild it
+        from utils.qat import qat_checkpoint_entry
+
+        quant = qat_checkpoint_entry(ema.ema)
+    ckpt = make_checkpoint(ema.ema, epoch=epoch, best_fitness=best_fitness, hyp=getattr(ema.ema, "hyp", None),
+                           opt=opt, optimizer=optimizer.state_dict(), updates=ema.updates, quant=quant)
+    ckpt["train_state_dict"] = {k: v.detach().cpu().clone() for k, v in de_parallel(model).state_dict().items()}
+    ckpt["train_state"] = train_state
+    return ckpt
+
+
+def strip_checkpoint(path: Path) -> None:
+    """Drop optimizer and resume data from a finished run's checkpoint (as upstream strip_optimizer)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    for key in TRAIN_ONLY_KEYS:
+        ckpt.pop(key, None)
+    ckpt.update(epoch=-1, optimizer=None)
+    save_checkpoint(ckpt, path)
+    LOGGER.info(f"Optimizer stripped from {path}, {path.stat().st_size / 1e6:.1f}MB")
+
+
+def resume_from(ckpt: dict, model: nn.Module, optimizer: torch.optim.Optimizer, ema: Any,
+                weights: str | Path, epochs: int) -> tuple[float, int, dict]:
+    """Load optimizer, EMA and bookkeeping; returns (best_fitness, start_epoch, train_state)."""
+    start_epoch = int(ckpt.get("epoch", -1)) + 1
+    if ckpt.get("optimizer") is None:
+        raise CheckpointError(f"{weights}: training already finished (optimizer stripped), nothing to resume; "
+                              "start a new run with --weights instead")
+    if start_epoch >= epochs:
+        raise CheckpointError(f"{weights}: training to {epochs} epochs is finished, nothing to resume")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    ema.ema.load_state_dict(ckpt["state_dict"])
+    ema.updates = int(ckpt.get("updates") or 0)
+    LOGGER.info(f"Resuming training from {weights} from epoch {start_epoch} to {epochs} total epochs")
+    return float(ckpt.get("best_fitness") or 0.0), start_epoch, dict(ckpt.get("train_state") or {})

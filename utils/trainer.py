@@ -1,0 +1,415 @@
+"""The YOLOv5 v7.0 training loop as a sequence of named steps (set-up, epoch, step, end of epoch, finish).
+
+``train.py`` parses flags and calls :class:`Trainer`; everything here can be driven from Python.
+Beyond upstream: a non-finite guard (steps with a NaN/inf loss or gradient norm are skipped and
+counted; too many in a row stop the run, keeping the last good checkpoint), SIGINT saves last.pt and
+stops, and checkpoints carry random states so a resumed run ends with the same weights.
+
+Example:
+    >>> trainer = Trainer(opt, device, save_dir)   # opt: a namespace with train.py's flags
+    >>> results = trainer.fit()
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+import val as validate
+from utils.autoanchor import check_anchors
+from utils.callbacks_log import ResultsLogger
+from utils.checkpoint import load_model, save_checkpoint
+from utils.data_config import check_img_size, load_data_config
+from utils.dataset import create_dataloader
+from utils.log import TQDM_BAR_FORMAT, colorstr
+from utils.loss import ComputeLoss
+from utils.plots import plot_images, plot_results
+from utils.torch_utils import EarlyStopping, ModelEMA, de_parallel, torch_distributed_zero_first
+from utils.train_guard import NonFiniteLossError, StepGuard, StopOnSigint
+from utils.train_setup import (build_model, fitness, freeze_layers, get_rng_state, lr_lambda, make_optimizer,
+                               resume_from, scale_loss_gains, set_rng_state, strip_checkpoint, training_checkpoint)
+
+LOGGER = logging.getLogger(__name__)
+
+MAX_GRAD_NORM = 10.0
+NONFINITE_LIMIT = 10  # consecutive skipped steps before the run is declared diverged
+
+
+def prepare_data(data: str | Path | dict) -> dict:
+    """Load the dataset yaml, generating the synthetic dataset first when it asks for it."""
+    if not isinstance(data, dict) and Path(data).is_file():
+        with open(data, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh) or {}
+        params = raw.get("synthetic") if isinstance(raw, dict) else None
+        if isinstance(params, dict):
+            from utils.synthetic import ensure_synthetic_dataset
+
+            root = Path(str(raw.get("path") or "")).expanduser()
+            root = root if root.is_absolute() else (Path(data).resolve().parent / root).resolve()
+            ensure_synthetic_dataset(root, **params)
+    return load_data_config(data)
+
+
+class Trainer:
+    """One training run; ``opt`` carries train.py's options (a namespace), ``save_dir`` exists."""
+
+    def __init__(self, opt: Any, device: torch.device, save_dir: Path, stop_after_epoch: int | None = None):
+        self.opt, self.device, self.save_dir = opt, device, Path(save_dir)
+        self.stop_after_epoch = stop_after_epoch
+        self.rank = int(os.getenv("RANK", -1))
+        self.local_rank = int(os.getenv("LOCAL_RANK", -1))
+        self.world_size = int(os.getenv("WORLD_SIZE", 1))
+        self.main = self.rank in (-1, 0)
+        self.cuda = device.type == "cuda"
+        self.amp = self.cuda
+        self.amp_dtype = torch.float16  # QAT switches to bfloat16 (see _prepare_qat)
+        self.qat = bool(getattr(opt, "qat", False))
+        self.wdir = self.save_dir / "weights"
+        self.last, self.best = self.wdir / "last.pt", self.wdir / "best.pt"
+        self.interrupted = False
+        self.results: tuple = (0, 0, 0, 0, 0, 0, 0)
+
+    # ----------------------------------------------------------------------------------- set-up
+    def setup(self) -> None:
+        """Data, model, optimizer, scheduler, EMA, resume state, loaders, anchors and loss."""
+        opt = self.opt
+        self.hyp = dict(opt.hyp)
+        LOGGER.info(colorstr("hyperparameters: ") + ", ".join(f"{k}={v}" for k, v in self.hyp.items()))
+        if self.main:
+            self.wdir.mkdir(parents=True, exist_ok=True)
+            (self.save_dir / "hyp.yaml").write_text(yaml.safe_dump(self.hyp, sort_keys=False))
+            (self.save_dir / "opt.yaml").write_text(yaml.safe_dump(vars(opt), sort_keys=False))
+        with torch_distributed_zero_first(self.local_rank) if self.rank != -1 else nullcontext():
+            self.data = prepare_data(opt.data)
+        self.nc = 1 if opt.single_cls else int(self.data["nc"])
+        names = self.data["names"]
+        self.names = {0: "item"} if opt.single_cls and len(names) != 1 else dict(names)
+        self.is_coco = str(self.data.get("val", "")).endswith("coco/val2017.txt")
+
+        model, ckpt = build_model(opt.weights, opt.cfg, self.nc, self.hyp, opt.act, opt.resume, self.device)
+        self.gs = max(int(model.stride.max()), 32)
+        self.imgsz = check_img_size(opt.imgsz, self.gs, floor=self.gs * 2)
+        if getattr(opt, "qat", False):
+            model = self._prepare_qat(model, ckpt)
+        freeze_layers(model, list(opt.freeze))
+        self.optimizer, self.accumulate = make_optimizer(model, opt.optimizer, self.hyp, opt.batch_size)
+        self.lf = lr_lambda(opt.cos_lr, self.hyp["lrf"], opt.epochs)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
+        self.ema = ModelEMA(model) if self.main else None
+        self.best_fitness, self.start_epoch, self.train_state = 0.0, 0, {}
+        if opt.resume:
+            self.best_fitness, self.start_epoch, self.train_state = resume_from(
+                ckpt, model, self.optimizer, self.ema, opt.weights, opt.epochs)
+            self.accumulate = self.train_state.get("accumulate", self.accumulate)
+        del ckpt
+        if opt.sync_bn and self.rank != -1:
+            if self.cuda:
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(self.device)
+                LOGGER.info("Using SyncBatchNorm()")
+            else:  # torch's SyncBatchNorm runs on accelerators only
+                LOGGER.warning("WARNING: --sync-bn needs CUDA; training with per-process BatchNorm on CPU")
+        self._make_loaders(model)
+        self.model = self._wrap_ddp(model)
+        self._attach_attributes()
+
+    def _prepare_qat(self, model: nn.Module, ckpt: dict | None) -> nn.Module:
+        """Swap in the fake-quantized model: rebuilt from a QAT checkpoint, or prepared from float weights.
+
+        AMP under QAT: autocast runs in bfloat16 (float32's range, so no overflowing steps and no
+        GradScaler) and the fake-quant ops themselves run in float32 (see quant/fake_quant.py).
+        """
+        from utils.qat import is_qat_checkpoint, prepare_qat_model, rebuild_qat_model
+
+        opt = self.opt
+        if ckpt is not None and is_qat_checkpoint(ckpt):
+            state = ckpt.get("train_state_dict") or ckpt["state_dict"]
+            prepared = rebuild_qat_model(Path(opt.weights), ckpt, state, self.device)
+            LOGGER.info(f"QAT: continuing from the quantized checkpoint {opt.weights}")
+        else:
+            graphs = self.save_dir / "graphs" if getattr(opt, "qat_graphs", False) and self.main else None
+            prepared = prepare_qat_model(model, self.imgsz, opt.qat_config, graph_dir=graphs)
+            if self.main:
+                (self.save_dir / "qat_plan.txt").write_text(prepared.plan.table() + "\n")
+                LOGGER.info(colorstr("QAT: ") + f"prepared with {opt.qat_config}; plan in {self.save_dir / 'qat_plan.txt'}")
+        self.amp_dtype = torch.bfloat16 if self.cuda and torch.cuda.is_bf16_supported() else torch.float16
+        return prepared.train()
+
+    def _make_loaders(self, model: nn.Module) -> None:
+        opt = self.opt
+        with torch_distributed_zero_first(self.local_rank) if self.rank != -1 else nullcontext():
+            self.train_loader, self.dataset = create_dataloader(
+                self.data["train"], self.imgsz, opt.batch_size // self.world_size, self.gs, opt.single_cls,
+                hyp=self.hyp, augment=True, cache=opt.cache, rect=opt.rect, rank=self.local_rank,
+                workers=opt.workers, shuffle=True, prefix=colorstr("train: "), seed=opt.seed)
+        labels = np.concatenate(self.dataset.labels, 0)
+        if len(labels) and int(labels[:, 0].max()) >= self.nc:
+            raise ValueError(f"{opt.data}: label class {int(labels[:, 0].max())} exceeds nc={self.nc}; "
+                             f"possible class labels are 0-{self.nc - 1}")
+        self.val_loader = None
+        if self.main:
+            self.val_loader = create_dataloader(
+                self.data["val"], self.imgsz, opt.batch_size // self.world_size * 2, self.gs, opt.single_cls,
+                hyp=self.hyp, cache=None if opt.noval else opt.cache, rect=True, rank=-1,
+                workers=opt.workers * 2, pad=0.5, prefix=colorstr("val: "))[0]
+            if not opt.resume:
+                if not opt.noautoanchor:
+                    check_anchors(self.dataset, model=model, thr=self.hyp["anchor_t"], imgsz=self.imgsz)
+                model.half().float()  # pre-reduce anchor precision, as upstream
+
+    def _wrap_ddp(self, model: nn.Module) -> nn.Module:
+        if self.rank == -1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.local_rank] if self.cuda else None
+        return DDP(model, device_ids=ids, output_device=self.local_rank if self.cuda else None)
+
+    def _attach_attributes(self) -> None:
+        m = de_parallel(self.model)
+        nl = m.model[-1].nl
+        m.hyp = scale_loss_gains(self.hyp, nl, self.nc, self.imgsz, self.opt.label_smoothing)
+        m.nc, m.names = self.nc, self.names
+        self.compute_loss = ComputeLoss(self.model)
+
+    # ------------------------------------------------------------------------------------- loop
+    def fit(self) -> tuple:
+        """Train from ``start_epoch`` to ``opt.epochs``; returns the final validation results."""
+        opt = self.opt
+        self.nb = len(self.train_loader)
+        self.nw = max(round(self.hyp["warmup_epochs"] * self.nb), 100)
+        self.last_opt_step = self.train_state.get("last_opt_step", -1)
+        self.guard = StepGuard(NONFINITE_LIMIT, skipped=self.train_state.get("nonfinite_skipped", 0))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
+        self.qat_schedule = None
+        if self.qat:
+            from quant.schedule import QATSchedule, ScheduleState
+
+            self.qat_schedule = ScheduleState(
+                QATSchedule(opt.qat_observer_epochs, opt.qat_freeze_bn_epoch), self.nb)
+        self.stopper = EarlyStopping(patience=opt.patience)
+        self.logger = ResultsLogger(self.save_dir) if self.main else None
+        self.scheduler.last_epoch = self.start_epoch - 1
+        if self.train_state.get("rng"):
+            set_rng_state(self.train_state["rng"])
+        gen = getattr(self.train_loader, "generator", None)
+        if gen is not None and self.train_state.get("loader_rng") is not None:
+            gen.set_state(self.train_state["loader_rng"])  # the resumed epoch sees the same order
+        t0, epoch, finished = time.time(), self.start_epoch, False
+        LOGGER.info(f"Image sizes {self.imgsz} train, {self.imgsz} val\n"
+                    f"Using {self.train_loader.num_workers} dataloader workers\n"
+                    f"Logging results to {colorstr('bold', str(self.save_dir))}\n"
+                    f"Starting training for {opt.epochs} epochs...")
+        with StopOnSigint(self):
+            try:
+                for epoch in range(self.start_epoch, opt.epochs):
+                    self._train_epoch(epoch)
+                    if self.interrupted:
+                        self._save_interrupted(epoch)
+                        break
+                    stop = self._end_epoch(epoch)
+                    if stop or epoch == self.stop_after_epoch:
+                        finished = stop
+                        break
+                else:
+                    finished = True
+            except NonFiniteLossError:
+                self._keep_last_good(epoch)
+                raise
+            finally:
+                if self.logger is not None:
+                    self.logger.close()
+        if self.main and finished:
+            LOGGER.info(f"\n{epoch - self.start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
+            self._finish()
+        return self.results
+
+    def _train_epoch(self, epoch: int) -> None:
+        self.model.train()
+        self._seed_loader(epoch)
+        self.mloss = torch.zeros(3, device=self.device)
+        LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss", "Instances", "Size"))
+        pbar = enumerate(self.train_loader)
+        if self.main:
+            pbar = tqdm(pbar, total=self.nb, bar_format=TQDM_BAR_FORMAT)
+        self.optimizer.zero_grad()
+        for i, (imgs, targets, paths, _) in pbar:
+            ni = i + self.nb * epoch
+            imgs = imgs.to(self.device, non_blocking=True).float() / 255
+            self._warmup(ni, epoch)
+            if self.qat_schedule is not None:
+                self._qat_step(epoch, i)
+            if self.opt.multi_scale:
+                imgs = self._multi_scale(imgs)
+            loss_items = self._step(imgs, targets, ni)
+            if self.main:
+                if loss_items is not None:
+                    self.mloss = (self.mloss * i + loss_items) / (i + 1)
+                mem = f"{torch.cuda.memory_reserved() / 1e9 if torch.cuda.is_available() else 0:.3g}G"
+                pbar.set_description(("%11s" * 2 + "%11.4g" * 5) % (
+                    f"{epoch}/{self.opt.epochs - 1}", mem, *self.mloss, targets.shape[0], imgs.shape[-1]))
+                if not self.opt.noplots and ni < 3:
+                    plot_images(imgs, targets, paths, self.save_dir / f"train_batch{ni}.jpg")
+            if self.interrupted:
+                break
+        self.lr = [x["lr"] for x in self.optimizer.param_groups]
+        if not self.interrupted:  # an interrupted epoch is repeated on resume, at the same LR
+            self.scheduler.step()
+
+    def _qat_step(self, epoch: int, i: int) -> None:
+        """Apply the observer/BN schedule; under DDP, observers are reduced across ranks before they
+        freeze so every rank keeps identical scales."""
+        model = de_parallel(self.model)
+        was_on = self.qat_schedule.observers
+        if self.rank != -1 and was_on and not self.qat_schedule.schedule.observers_on(epoch, i, self.nb):
+            from quant.schedule import iter_quantizers
+
+            for _, q in iter_quantizers(model):
+                q.sync_across_ranks()
+        self.qat_schedule.step(model, epoch, i)
+
+    def _seed_loader(self, epoch: int) -> None:
+        """DDP shuffles by epoch; otherwise one generator runs through all epochs (upstream's order)."""
+        sampler = self.train_loader.sampler
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+
+    def _warmup(self, ni: int, epoch: int) -> None:
+        """Ramp accumulation, LRs (biases down from warmup_bias_lr, others up from 0) and momentum."""
+        if ni > self.nw:
+            return
+        xi = [0, self.nw]
+        self.accumulate = max(1, np.interp(ni, xi, [1, 64 / self.opt.batch_size]).round())
+        for j, x in enumerate(self.optimizer.param_groups):
+            start = self.hyp["warmup_bias_lr"] if j == 0 else 0.0  # biases fall, other groups rise
+            x["lr"] = np.interp(ni, xi, [start, x["initial_lr"] * self.lf(epoch)])
+            if "momentum" in x:
+                x["momentum"] = np.interp(ni, xi, [self.hyp["warmup_momentum"], self.hyp["momentum"]])
+
+    def _multi_scale(self, imgs: torch.Tensor) -> torch.Tensor:
+        gs = self.gs
+        sz = random.randrange(int(self.imgsz * 0.5), int(self.imgsz * 1.5) + gs) // gs * gs
+        sf = sz / max(imgs.shape[2:])
+        if sf != 1:
+            ns = [math.ceil(x * sf / gs) * gs for x in imgs.shape[2:]]
+            imgs = nn.functional.interpolate(imgs, size=ns, mode="bilinear", align_corners=False)
+        return imgs
+
+    def _step(self, imgs: torch.Tensor, targets: torch.Tensor, ni: int) -> torch.Tensor | None:
+        """Forward, loss, backward; optimizer + EMA step every ``accumulate`` iterations (guarded)."""
+        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+            pred = self.model(imgs)
+            loss, loss_items = self.compute_loss(pred, targets.to(self.device))
+            if self.rank != -1:
+                loss *= self.world_size  # DDP averages gradients over ranks
+        finite = bool(torch.isfinite(loss).all())
+        if not finite and self.rank == -1:
+            self.guard.skip("loss", ni)  # no backward: keep the accumulated gradients clean
+            return None
+        # Under DDP every rank must join the gradient all-reduce; a NaN then shows in the norm below.
+        self.scaler.scale(loss).backward()
+        if ni - self.last_opt_step >= self.accumulate:
+            self._optimizer_step(ni)
+        return loss_items if finite else None
+
+    def _optimizer_step(self, ni: int) -> None:
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=MAX_GRAD_NORM)
+        if torch.isfinite(norm):
+            self.scaler.step(self.optimizer)
+            self.guard.ok()
+            if self.ema:
+                self.ema.update(self.model)
+        self.scaler.update()
+        self.optimizer.zero_grad()
+        self.last_opt_step = ni
+        if not torch.isfinite(norm):
+            self.guard.skip("gradient norm", ni)
+
+    # ---------------------------------------------------------------------------- end of epoch
+    def _end_epoch(self, epoch: int) -> bool:
+        """Validate, log, save; returns True when early stopping says so (broadcast under DDP)."""
+        stop = False
+        if self.main:
+            self.ema.update_attr(self.model, include=["yaml", "nc", "hyp", "names", "stride"])
+            final_epoch = (epoch + 1 == self.opt.epochs) or self.stopper.possible_stop
+            if not self.opt.noval or final_epoch:
+                self.results, self.maps, _ = validate.run(
+                    self.data, batch_size=self.opt.batch_size // self.world_size * 2, imgsz=self.imgsz,
+                    half=self.amp and not self.qat, model=self.ema.ema, single_cls=self.opt.single_cls, dataloader=self.val_loader,
+                    save_dir=self.save_dir, plots=False, compute_loss=self.compute_loss)
+            fi = fitness(self.results)
+            stop = self.stopper(epoch=epoch, fitness=fi)
+            self.best_fitness = max(self.best_fitness, fi)
+            self.logger.log_epoch(epoch, [*self.mloss.tolist(), *self.results, *self.lr])
+            if not self.opt.nosave or final_epoch:
+                self._save(epoch, fi)
+        if self.rank != -1:
+            import torch.distributed as dist
+
+            flag = [stop]
+            dist.broadcast_object_list(flag, 0)
+            stop = flag[0]
+        return stop
+
+    def _train_state(self) -> dict:
+        """Loop bookkeeping and every random stream, so a resumed run continues bit for bit."""
+        gen = getattr(self.train_loader, "generator", None)
+        return {"last_opt_step": int(self.last_opt_step), "accumulate": float(self.accumulate),
+                "nonfinite_skipped": int(self.guard.skipped), "rng": get_rng_state(),
+                "loader_rng": gen.get_state() if gen is not None else None}
+
+    def _checkpoint(self, epoch: int) -> dict:
+        self.ema.update_attr(self.model, include=["yaml", "nc", "hyp", "names", "stride"])
+        opt = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.opt).items()}
+        return training_checkpoint(self.model, self.ema, self.optimizer, epoch, self.best_fitness, opt,
+                                   self._train_state())
+
+    def _save(self, epoch: int, fi: float) -> None:
+        ckpt = self._checkpoint(epoch)
+        save_checkpoint(ckpt, self.last)
+        if self.best_fitness == fi:
+            save_checkpoint(ckpt, self.best)
+        if self.opt.save_period > 0 and epoch % self.opt.save_period == 0:
+            save_checkpoint(ckpt, self.wdir / f"epoch{epoch}.pt")
+
+    def _save_interrupted(self, epoch: int) -> None:
+        """SIGINT: save the current weights as last.pt; a resume repeats the interrupted epoch."""
+        if self.main:
+            save_checkpoint(self._checkpoint(epoch - 1), self.last)
+            LOGGER.warning(f"Interrupted during epoch {epoch}: saved {self.last}; continue with --resume {self.last}")
+
+    def _keep_last_good(self, epoch: int) -> None:
+        """Non-finite stop: skipped steps never changed the weights, so they are still the last good ones."""
+        if self.main and not self.last.exists():
+            save_checkpoint(self._checkpoint(epoch - 1), self.last)
+        if self.main:
+            LOGGER.error(f"Non-finite training stopped at epoch {epoch}; last good weights in {self.last}")
+
+    # ---------------------------------------------------------------------------------- finish
+    def _finish(self) -> None:
+        """Strip checkpoints, plot results, validate best.pt with plots."""
+        for f in (self.last, self.best):
+            if f.exists():
+                strip_checkpoint(f)
+        if self.best.exists():
+            LOGGER.info(f"\nValidating {self.best}...")
+            model, _ = load_model(self.best, device=self.device, fuse=True)
+            self.results, _, _ = validate.run(
+                self.data, batch_size=self.opt.batch_size // self.world_size * 2, imgsz=self.imgsz, model=model,
+                half=self.amp and not self.qat, iou_thres=0.65 if self.is_coco else 0.60, single_cls=self.opt.single_cls,
+                dataloader=self.val_loader, save_dir=self.save_dir, verbose=True, plots=not self.opt.noplots,
+                compute_loss=self.compute_loss)
+        if not self.opt.noplots and (self.save_dir / "results.csv").exists():
+            plot_results(self.save_dir / "results.csv")
+        LOGGER.info(f"Results saved to {colorstr('bold', str(self.save_dir))}")
