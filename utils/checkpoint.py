@@ -137,14 +137,14 @@ def is_official(ckpt: dict) -> bool:
 
 def _plain(value: Any, where: str) -> Any:
     """Copy ``value`` keeping only data that weights_only loading accepts; Paths become strings."""
+    if isinstance(value, np.generic):  # first: np.float64 subclasses float yet weights_only refuses it
+        return value.item()
     if value is None or isinstance(value, (bool, int, float, str, bytes)):
         return value
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().clone()
     if isinstance(value, os.PathLike):
         return os.fspath(value)
-    if isinstance(value, np.generic):
-        return value.item()
     if isinstance(value, dict):
         return {k: _plain(v, f"{where}.{k}") for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -267,6 +267,13 @@ def load_model(path: str | Path, device: Any = "cpu", act: Any = None,
     path = Path(path)
     ckpt = load_checkpoint(path)
     yaml_dict, state, names, stride, which = _unpack(path, ckpt)
+    if ckpt.get("quant"):  # a QAT checkpoint: rebuild the prepared (fake-quantized) model
+        from utils.qat import rebuild_qat_model
+
+        model = rebuild_qat_model(path, ckpt, state, device)
+        meta = {"format": FORMAT, "epoch": ckpt.get("epoch", -1), "names": model.names, "nc": int(yaml_dict["nc"]),
+                "stride": [float(s) for s in stride], "source": str(path), "weights": which, "qat": True}
+        return model, meta
     model = DetectionModel(deepcopy(yaml_dict), act=act)
     own = model.state_dict()
     _check_keys(path, own, state)

@@ -147,8 +147,9 @@ class ModelEMA:
     """Exponential moving average of a model's state (weights AND buffers), as in YOLOv5 v7.0.
 
     The decay ramps up as ``decay * (1 - exp(-updates / tau))`` so early, noisy weights fade fast.
-    Floating-point entries are averaged; other entries (counters, flags, integer buffers) are copied.
-    Buffers added by QAT modules (e.g. quantizer scales) are therefore carried too. If the model's
+    Floating-point entries are averaged; other entries (counters, flags, integer buffers) are copied,
+    and so is all state of modules that declare ``ema_copy_state = True`` (QAT quantizers: an averaged
+    power-of-2 exponent would no longer be an integer, so the EMA takes the trained model's exactly). If the model's
     structure changes after the EMA was made (modules added or removed, or a buffer changes shape, as
     when a model is prepared for QAT), ``update`` rebuilds the EMA copy from the model, keeping the
     averaged values of every entry that still matches, and logs a warning.
@@ -162,6 +163,7 @@ class ModelEMA:
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000, updates: int = 0):
         self.ema = self._frozen_copy(model)
+        self.copied = _copied_state_keys(self.ema)
         self.updates = updates
         self.decay_max = decay
         self.tau = tau
@@ -189,7 +191,7 @@ class ModelEMA:
             esd = self.ema.state_dict()
         for k, v in esd.items():
             m = msd[k].detach()
-            if v.dtype.is_floating_point:
+            if v.dtype.is_floating_point and k not in self.copied:
                 v *= d  # two steps, not a fused add, to round exactly as upstream does
                 v += (1 - d) * m.to(device=v.device, dtype=v.dtype)
             else:
@@ -203,6 +205,7 @@ class ModelEMA:
                        f"{len(kept)}/{len(fresh.state_dict())} averaged entries kept")
         fresh.load_state_dict(kept, strict=False)
         self.ema = fresh
+        self.copied = _copied_state_keys(fresh)
 
     def update_attr(self, model: nn.Module, include: Iterable[str] = ("yaml", "nc", "hyp", "names", "stride"),
                     exclude: Iterable[str] = ()) -> None:
@@ -213,6 +216,16 @@ class ModelEMA:
             if (include and k not in include) or k.startswith("_") or k in exclude:
                 continue
             setattr(self.ema, k, v)
+
+
+def _copied_state_keys(model: nn.Module) -> frozenset:
+    """state_dict keys of modules that ask to be copied, not averaged, by the EMA."""
+    keys = set()
+    for name, module in model.named_modules():
+        if getattr(module, "ema_copy_state", False):
+            prefix = f"{name}." if name else ""
+            keys.update(prefix + k for k in module.state_dict())
+    return frozenset(keys)
 
 
 def smart_optimizer(model: nn.Module, name: str = "SGD", lr: float = 0.01, momentum: float = 0.9,

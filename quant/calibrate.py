@@ -1,0 +1,44 @@
+"""Post-training calibration (PTQ): observe N images in eval mode, then freeze every observer."""
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from quant.schedule import iter_quantizers, set_observers
+
+LOGGER = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable, n_images: int, device: torch.device | str = "cpu") -> int:
+    """Run up to `n_images` images (uint8 batches as the dataloader yields them) through `model` with
+    observers recording, BN in eval mode, then freeze the observers. Returns the images seen.
+
+    Example:
+        >>> seen = calibrate(prepared, val_loader, n_images=512)  # doctest: +SKIP
+    """
+    if n_images <= 0:
+        raise ValueError(f"calibration needs at least one image, got n_images={n_images}")
+    model.eval()
+    quantizers = [q for _, q in iter_quantizers(model)]
+    set_observers(model, True)
+    for q in quantizers:
+        q.calibrating = True
+    seen = 0
+    try:
+        for batch in batches:
+            im = batch[0] if isinstance(batch, (tuple, list)) else batch
+            im = im[: n_images - seen].to(device, non_blocking=True).float() / 255
+            model(im)
+            seen += im.shape[0]
+            if seen >= n_images:
+                break
+    finally:
+        for q in quantizers:
+            q.calibrating = False
+        set_observers(model, False)
+    LOGGER.info(f"PTQ: calibrated {len(quantizers)} quantizers on {seen} images")
+    return seen

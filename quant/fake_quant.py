@@ -1,0 +1,303 @@
+"""Power-of-2 fake quantization: an observer that picks an integer exponent k, plus the core
+torch fake-quant ops with scale ``2**k / 2**(bits - signed)`` and zero point 0.
+
+Example::
+
+    fq = Pow2FakeQuantize(QuantSpec(bits=8), signed=True)
+    fq.train()
+    y = fq(x)          # observes x, sets the exponent, returns x fake-quantized
+    fq.scale()         # tensor([0.0312]) == 2**-5 exactly
+"""
+from __future__ import annotations
+
+import logging
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from quant.config import QuantSpec
+
+LOGGER = logging.getLogger(__name__)
+
+MSE_CANDIDATES = 5  # 'mse' tries k in [ceil(log2 m) - 4, ceil(log2 m)]
+# Bounds keep k finite for all-zero channels (log2 0 = -inf) and overflowing data; 2**-48 / 2**15
+# is still a normal float32, so every scale stays an exact power of two.
+_MIN_BOUND = 2.0 ** -32
+_EXP_MIN, _EXP_MAX = -48, 48
+
+
+def exponent_from_bound(bound: torch.Tensor, rounding: str) -> torch.Tensor:
+    """Integer exponent k (as float32) for observed bounds ``bound`` by the 'ceil' or 'round' rule.
+
+    For 'mse' this returns ``ceil(log2 bound)``, the top of the candidate window.
+    """
+    log2 = torch.log2(bound.double().clamp_min(_MIN_BOUND))  # double: exact at powers of two
+    k = torch.round(log2) if rounding == "round" else torch.ceil(log2)
+    return k.clamp(_EXP_MIN, _EXP_MAX).float()
+
+
+class Pow2FakeQuantize(nn.Module):
+    """Observer + fake quantizer whose scale is always an exact power of two.
+
+    Args:
+        spec: bits, granularity, rounding, observer, fixed exponent (``spec.signed`` is ignored:
+            the caller decides signedness and passes it as ``signed``).
+        signed: symmetric signed range ``[-2**(b-1), 2**(b-1)-1]`` or unsigned ``[0, 2**b - 1]``.
+        num_channels: channels along ``spec.ch_axis`` when ``spec.per_channel``.
+
+    Observation happens only when the observer is enabled and the module is training or
+    ``calibrating`` is True; before the first observation (``calibrated == 0``) x passes unchanged.
+    """
+
+    # An EMA of the model copies this module's state instead of averaging it: an averaged exponent
+    # would stop being an integer (utils.torch_utils.ModelEMA reads this flag).
+    ema_copy_state = True
+
+    def __init__(self, spec: QuantSpec, signed: bool, num_channels: int = 1):
+        super().__init__()
+        if spec.per_channel and num_channels < 1:
+            raise ValueError(f"Pow2FakeQuantize: per-channel needs num_channels >= 1, got {num_channels}")
+        self.spec = spec
+        self.signed = bool(signed)
+        self.bits = spec.bits
+        self.quant_min = -(2 ** (self.bits - 1)) if self.signed else 0
+        self.quant_max = 2 ** (self.bits - 1) - 1 if self.signed else 2 ** self.bits - 1
+        self.ch_axis = spec.ch_axis
+        self.calibrating = False
+        # Per-forward aggregation (see begin_step): the pre-step statistics and this step's range.
+        self._step_stats: Optional[tuple] = None
+        self._aggregate = False
+        channels = num_channels if spec.per_channel else 1
+        fixed = spec.fixed_exponent
+        n_cand = MSE_CANDIDATES if spec.rounding == "mse" else 0
+        self.register_buffer("exponent", torch.full((channels,), float(fixed or 0)))
+        self.register_buffer("min_val", torch.full((channels,), float("inf")))
+        self.register_buffer("max_val", torch.full((channels,), float("-inf")))
+        self.register_buffer("mse_err", torch.zeros(channels, n_cand))
+        self.register_buffer("num_observed", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("observer_enabled", torch.tensor(0 if fixed is not None else 1, dtype=torch.uint8))
+        self.register_buffer("fake_quant_enabled", torch.tensor(1, dtype=torch.uint8))
+        self.register_buffer("calibrated", torch.tensor(1 if fixed is not None else 0, dtype=torch.uint8))
+
+    # ---- public API ------------------------------------------------------------------------------
+    @property
+    def fixed(self) -> bool:
+        """True when the range is pinned by ``spec.fixed_exponent``."""
+        return self.spec.fixed_exponent is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(self.observer_enabled) and (self.training or self.calibrating):
+            self._observe(x.detach())
+        if not (bool(self.fake_quant_enabled) and bool(self.calibrated)):
+            return x
+        return self._fake_quant(x)
+
+    def scale(self) -> torch.Tensor:
+        """Per-channel (C,) or per-tensor (1,) float32 scales, exact powers of two."""
+        # float64 pow then cast: exact for integer exponents on every backend.
+        return torch.pow(2.0, self.exponent.double() - (self.bits - int(self.signed))).float()
+
+    def begin_step(self) -> None:
+        """Start a new forward pass: until the next call, every observation this quantizer makes is
+        merged into ONE batch range before the moving average is applied. A quantizer shared by
+        several tensors (concat inputs and output, add inputs) is called once per tensor; without
+        this the average would mix the ranges of the narrow inputs with the wide one."""
+        self._step_stats = None
+        self._aggregate = True
+
+    def enable_observer(self, on: bool = True) -> None:
+        """Start/stop observing; a fixed-range quantizer keeps its observer off."""
+        if on and self.fixed:
+            LOGGER.debug("observer stays off: fixed exponent %s", self.spec.fixed_exponent)
+            return
+        self.observer_enabled.fill_(int(bool(on)))
+
+    def enable_fake_quant(self, on: bool = True) -> None:
+        """Turn fake quantization on/off (off: identity, observers unaffected)."""
+        self.fake_quant_enabled.fill_(int(bool(on)))
+
+    @torch.no_grad()
+    def reset_observer(self) -> None:
+        """Forget observed statistics (the current exponent stays until the next observation)."""
+        self.min_val.fill_(float("inf"))
+        self.max_val.fill_(float("-inf"))
+        self.mse_err.zero_()
+        self.num_observed.zero_()
+
+    @torch.no_grad()
+    def sync_across_ranks(self) -> None:
+        """Make every rank hold the same statistics and exponent (no-op without torch.distributed).
+
+        min_val is reduced with MIN, max_val with MAX, candidate errors are averaged after being
+        re-aligned to the common candidate window.
+        """
+        if self.fixed or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        observed = self.calibrated.float()  # ranks that never observed do not vote on errors
+        old_top = self._window_top() if self.spec.rounding == "mse" else None
+        dist.all_reduce(self.min_val, op=dist.ReduceOp.MIN)
+        dist.all_reduce(self.max_val, op=dist.ReduceOp.MAX)
+        dist.all_reduce(self.calibrated, op=dist.ReduceOp.MAX)
+        dist.all_reduce(self.num_observed, op=dist.ReduceOp.MAX)
+        if old_top is not None:
+            shifted = self._shift_errors(self.mse_err, old_top, self._window_top(), fill=None) * observed
+            votes = observed.reshape(1).clone()
+            dist.all_reduce(shifted, op=dist.ReduceOp.SUM)
+            dist.all_reduce(votes, op=dist.ReduceOp.SUM)
+            self.mse_err.copy_(shifted / votes.clamp_min(1.0))
+        if bool(self.calibrated):
+            self._update_exponent()
+
+    @torch.no_grad()
+    def clipping_ratio(self, x: torch.Tensor) -> float:
+        """Fraction of the values of ``x`` outside the representable range (0.0 before calibration)."""
+        if not bool(self.calibrated) or x.numel() == 0:
+            return 0.0
+        scale = self._broadcast(self.scale().to(x.device), x)
+        xf = x.detach().float()
+        outside = (xf < self.quant_min * scale) | (xf > self.quant_max * scale)
+        return float(outside.float().mean())
+
+    def extra_repr(self) -> str:
+        name = f"{'int' if self.signed else 'uint'}{self.bits}"
+        grain = " per-channel" if self.spec.per_channel else ""
+        if not bool(self.calibrated):
+            return f"{name}{grain}, uncalibrated, {self.spec.rounding}"
+        k = self.scale().log2().round().to(torch.int64)
+        lo, hi = int(k.min()), int(k.max())
+        scale = f"scale 2^{lo}" if lo == hi else f"scale 2^{lo} .. 2^{hi}"
+        tail = " (fixed)" if self.fixed else f", {self.spec.rounding}"
+        return f"{name}{grain}, {scale}{tail}"
+
+    # ---- internals -------------------------------------------------------------------------------
+    def _fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        # The core ops want float32; autocast tensors (bf16/fp16) go through float32 and back.
+        xf = x if x.dtype == torch.float32 else x.float()
+        scale = self.scale().to(x.device)
+        if self.spec.per_channel:
+            zero = torch.zeros(scale.shape, dtype=torch.int32, device=x.device)
+            out = torch.fake_quantize_per_channel_affine(xf, scale, zero, self._axis(x), self.quant_min, self.quant_max)
+        else:
+            zero = torch.zeros((1,), dtype=torch.int32, device=x.device)
+            out = torch.fake_quantize_per_tensor_affine(xf, scale, zero, self.quant_min, self.quant_max)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    def _axis(self, x: torch.Tensor) -> int:
+        axis = self.ch_axis % x.dim() if x.dim() else 0
+        if x.dim() == 0 or x.shape[axis] != self.exponent.numel():
+            raise ValueError(f"Pow2FakeQuantize: expected {self.exponent.numel()} channels on axis "
+                             f"{self.ch_axis}, got input shape {tuple(x.shape)}")
+        return axis
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x as float32 (C, N): one row per channel (or a single row per-tensor)."""
+        xf = x.float()
+        if not self.spec.per_channel:
+            return xf.reshape(1, -1)
+        return xf.movedim(self._axis(x), 0).reshape(self.exponent.numel(), -1)
+
+    def _broadcast(self, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if not self.spec.per_channel:
+            return values.reshape(())
+        shape = [1] * x.dim()
+        shape[self._axis(x)] = -1
+        return values.reshape(shape)
+
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor) -> None:
+        rows = self._rows(x)
+        if rows.shape[1] == 0:
+            return
+        lo, hi = rows.min(dim=1).values, rows.max(dim=1).values
+        lo, hi = self._merge_with_step(lo, hi)
+        first = not bool(self.calibrated) or bool(torch.isinf(self.min_val).any())
+        old_top = None if first or self.spec.rounding != "mse" else self._window_top()
+        observer = self.spec.observer
+        if first or observer == "current":
+            self.min_val.copy_(lo)
+            self.max_val.copy_(hi)
+        elif observer == "minmax":
+            torch.minimum(self.min_val, lo, out=self.min_val)
+            torch.maximum(self.max_val, hi, out=self.max_val)
+        else:  # ema_minmax
+            c = float(self.spec.averaging_constant)
+            self.min_val.add_(c * (lo - self.min_val))
+            self.max_val.add_(c * (hi - self.max_val))
+        self.num_observed.add_(1)
+        if self.spec.rounding == "mse":
+            self._accumulate_errors(rows, old_top)
+        self._update_exponent()
+        self.calibrated.fill_(1)
+
+    def _merge_with_step(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Within one forward (after begin_step), widen this call's range by the earlier calls' and
+        roll min/max back to their pre-step values, so the step updates them once."""
+        if not self._aggregate:
+            return lo, hi
+        if self._step_stats is None:
+            self._step_stats = (self.min_val.clone(), self.max_val.clone(), self.calibrated.clone(), lo, hi)
+            return lo, hi
+        min0, max0, calibrated0, lo_acc, hi_acc = self._step_stats
+        lo, hi = torch.minimum(lo, lo_acc), torch.maximum(hi, hi_acc)
+        self.min_val.copy_(min0)
+        self.max_val.copy_(max0)
+        self.calibrated.copy_(calibrated0)
+        self._step_stats = (min0, max0, calibrated0, lo, hi)
+        return lo, hi
+
+    def _bound(self) -> torch.Tensor:
+        if self.signed:
+            return torch.maximum(self.min_val.abs(), self.max_val.abs())
+        return self.max_val.clamp_min(0.0)
+
+    def _window_top(self) -> torch.Tensor:
+        return exponent_from_bound(self._bound(), "ceil")
+
+    def _update_exponent(self) -> None:
+        if self.spec.rounding != "mse":
+            self.exponent.copy_(exponent_from_bound(self._bound(), self.spec.rounding))
+            return
+        best = torch.argmin(self.mse_err, dim=1).float()  # ties -> the smaller (finer) scale
+        k = self._window_top() - (MSE_CANDIDATES - 1) + best
+        self.exponent.copy_(k.clamp(_EXP_MIN, _EXP_MAX))
+
+    def _candidate_errors(self, rows: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        """(C, 5) mean squared fake-quant error of each row for k = top-4 .. top."""
+        errs = []
+        step = 2.0 ** (self.bits - int(self.signed))
+        for j in range(MSE_CANDIDATES):
+            k = top - (MSE_CANDIDATES - 1 - j)
+            scale = (torch.pow(2.0, k.double()) / step).float().to(rows.device)[:, None]
+            q = torch.clamp(torch.round(rows / scale), self.quant_min, self.quant_max) * scale
+            errs.append((q - rows).pow(2).mean(dim=1))
+        return torch.stack(errs, dim=1)
+
+    def _accumulate_errors(self, rows: torch.Tensor, old_top) -> None:
+        top = self._window_top()
+        current = self._candidate_errors(rows, top)
+        if old_top is None or self.spec.observer == "current":
+            self.mse_err.copy_(current)
+            return
+        history = self._shift_errors(self.mse_err, old_top, top, fill=current)
+        if self.spec.observer == "minmax":
+            factor = 1.0 / float(self.num_observed)  # running mean over all observations
+        else:
+            factor = float(self.spec.averaging_constant)
+        self.mse_err.copy_(history + factor * (current - history))
+
+    @staticmethod
+    def _shift_errors(err: torch.Tensor, old_top: torch.Tensor, new_top: torch.Tensor, fill) -> torch.Tensor:
+        """Re-index candidate errors from window ``old_top`` to ``new_top`` (per row).
+
+        Candidates new to the window take ``fill`` (the current errors), or the nearest old
+        column when ``fill`` is None.
+        """
+        n = err.shape[1]
+        idx = torch.arange(n, device=err.device)[None, :] + (new_top - old_top).long()[:, None]
+        gathered = err.gather(1, idx.clamp(0, n - 1))
+        if fill is None:
+            return gathered
+        return torch.where((idx >= 0) & (idx < n), gathered, fill)

@@ -1,0 +1,162 @@
+"""Fused QAT convolutions: Conv2d (+BatchNorm2d) (+ReLU/ReLU6) with a fake-quantized weight.
+
+With BN in 'simulate' mode the weight is quantized *after* scaling by the BN factor, as the
+integer model will hold it, while BN itself keeps training (the standard conv-bn QAT
+formulation)::
+
+    sf  = gamma / sqrt(running_var + eps)
+    y   = conv(x, wq(W * sf)) / sf (+ conv bias)      # undo the scale; BN sees a normal conv output
+    out = act(bn(y))                                   # batch statistics while training
+
+In eval mode (or after :meth:`QATConvBnAct.freeze_bn`) BN uses its running statistics and the
+result equals ``conv(x, wq(W * sf)) + folded_bias``: exactly what the integer model computes.
+The output activation quantizer is *not* part of these modules; :func:`quant.prepare.prepare`
+inserts it as a separate graph node so that alignment groups can share it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["QATConvBnAct", "QATConv", "make_act"]
+
+# Replaces exact zeros of the BN scale (gamma == 0) so that dividing by it stays finite; such a
+# channel's quantized weight is zero anyway, so its output is unaffected.
+_TINY_SCALE = 1e-12
+
+
+def make_act(kind: Optional[str]) -> nn.Module:
+    """'relu' -> ReLU, 'relu6' -> ReLU6, None -> Identity (the activations an integer conv can clamp)."""
+    if kind is None:
+        return nn.Identity()
+    if kind == "relu":
+        return nn.ReLU()
+    if kind == "relu6":
+        return nn.ReLU6()
+    raise ValueError(f"fused activation must be 'relu', 'relu6' or None, got {kind!r}")
+
+
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of one conv equal to bn(conv(x)) with BN's running statistics."""
+    sf = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    return conv.weight * sf.reshape(-1, 1, 1, 1), (bias - bn.running_mean) * sf + bn.bias
+
+
+class QATConvBnAct(nn.Module):
+    """Conv2d + optional BatchNorm2d + optional ReLU/ReLU6 with a fake-quantized (folded) weight.
+
+    Args:
+        conv: the float conv (kept as ``self.conv``; its parameters stay the trained ones).
+        bn: the BN that follows it, or None.
+        act: 'relu', 'relu6' or None.
+        weight_fq: the weight quantizer module (a ``Pow2FakeQuantize``; any module mapping a
+            tensor to a tensor works), kept as ``self.weight_fake_quant``.
+        bn_mode: 'simulate' (BN kept and trained, folding simulated) or 'fold' (BN folded into a
+            new conv with bias now, using its running statistics; ``self.bn`` becomes None).
+
+    Example:
+        >>> fused = QATConvBnAct(block.conv, block.bn, "relu", Pow2FakeQuantize(spec, True, 16))
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], act: Optional[str], weight_fq: nn.Module,
+                 bn_mode: str = "simulate") -> None:
+        super().__init__()
+        if bn_mode not in ("simulate", "fold"):
+            raise ValueError(f"bn_mode must be 'simulate' or 'fold', got {bn_mode!r}")
+        if bn is not None and bn.num_features != conv.out_channels:
+            raise ValueError(f"BN has {bn.num_features} channels but the conv gives {conv.out_channels}")
+        if bn is not None and not (bn.track_running_stats and bn.affine):
+            raise ValueError("BN without running statistics or affine parameters cannot be folded into a conv")
+        if bn is not None and bn_mode == "fold":
+            conv, bn = self._folded_conv(conv, bn), None
+        self.conv = conv
+        self.bn = bn
+        self.act = make_act(act)
+        self.weight_fake_quant = weight_fq
+        self.bn_mode = bn_mode
+        self.bn_frozen = False
+
+    @staticmethod
+    @torch.no_grad()
+    def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+        new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                        conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)
+        new = new.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        weight, bias = _fold(conv, bn)
+        new.weight.copy_(weight)
+        new.bias.copy_(bias)
+        return new
+
+    def freeze_bn(self) -> None:
+        """Use BN's running statistics from now on (also in train mode) and stop updating them."""
+        self.bn_frozen = True
+
+    def unfreeze_bn(self) -> None:
+        """Back to batch statistics in train mode (the default)."""
+        self.bn_frozen = False
+
+    def _bn_scale(self) -> torch.Tensor:
+        bn = self.bn
+        sf = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        return torch.where(sf == 0, torch.full_like(sf, _TINY_SCALE), sf)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, bn = self.conv, self.bn
+        if bn is None:
+            y = conv._conv_forward(x, self.weight_fake_quant(conv.weight), conv.bias)
+            return self.act(y)
+        sf = self._bn_scale()
+        w_q = self.weight_fake_quant(conv.weight * sf.reshape(-1, 1, 1, 1))
+        y = conv._conv_forward(x, w_q, None) / sf.reshape(1, -1, 1, 1)
+        if conv.bias is not None:
+            y = y + conv.bias.reshape(1, -1, 1, 1)
+        if self.training and not self.bn_frozen:
+            y = bn(y)  # batch statistics; the running statistics keep updating
+        else:
+            y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        return self.act(y)
+
+    @torch.no_grad()
+    def folded_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float (weight, bias) of the single conv the integer model runs (before weight quantization)."""
+        conv = self.conv
+        if self.bn is None:
+            bias = conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
+            return conv.weight.detach().clone(), bias.detach().clone()
+        weight, bias = _fold(conv, self.bn)
+        return weight.detach(), bias.detach()
+
+    def extra_repr(self) -> str:
+        return f"bn_mode={self.bn_mode}" + (", bn_frozen=True" if self.bn_frozen else "")
+
+
+class QATConv(nn.Conv2d):
+    """An ``nn.Conv2d`` with a fake-quantized weight and (optionally) a fake-quantized output.
+
+    Drop-in for a conv inside a module fx does not trace into (e.g. a detection head): it *is* a
+    Conv2d sharing the original's ``weight``/``bias`` parameters, so the owner's forward and any
+    code reading ``.weight``/``.bias`` keep working, and state_dict keys stay those of the conv
+    (plus ``weight_fake_quant.*`` and ``out_quant.*``).
+    """
+
+    def __init__(self, conv: nn.Conv2d, weight_fq: nn.Module, out_fq: Optional[nn.Module] = None) -> None:
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                         conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+                         device=conv.weight.device, dtype=conv.weight.dtype)
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.weight_fake_quant = weight_fq
+        self.out_quant = out_fq if out_fq is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_quant(self._conv_forward(x, self.weight_fake_quant(self.weight), self.bias))
+
+    @torch.no_grad()
+    def folded_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float (weight, bias) for export; a zero bias when the conv has none."""
+        bias = self.bias if self.bias is not None else self.weight.new_zeros(self.out_channels)
+        return self.weight.detach().clone(), bias.detach().clone()

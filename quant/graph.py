@@ -1,0 +1,373 @@
+"""Graph analysis for quantization: tracing, Conv->BN->act chains, alignment groups, Graphviz.
+
+Everything here reads a ``torch.fx`` graph and returns plain descriptions; nothing changes the
+model.  :mod:`quant.prepare` turns the descriptions into module swaps and quantizer nodes.
+
+Example:
+    >>> gm = trace(model, leaf_classes=("Detect",), concrete_args={"augment": False})
+    >>> chains = find_conv_bn_act(gm)        # one Chain per traced Conv2d
+    >>> groups = find_alignment_groups(gm)   # one Group per torch.cat / tensor add
+"""
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["QuantTracer", "trace", "Chain", "find_conv_bn_act", "Group", "find_alignment_groups",
+           "group_of", "merge_groups", "resolve_producer", "is_pass_through", "is_add", "is_concat", "owner_name",
+           "activation_kind", "write_graphviz"]
+
+LOGGER = logging.getLogger(__name__)
+
+# Activations that fold into an integer conv as a clamp (their output is unsigned).
+_FUSABLE_ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
+_FUSABLE_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
+_OTHER_ACT_MODULES = (nn.SiLU, nn.LeakyReLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.GELU,
+                      nn.Mish, nn.ELU, nn.PReLU)
+_OTHER_ACT_FUNCTIONS = {F.silu, F.leaky_relu, F.hardswish, F.hardsigmoid, torch.sigmoid, torch.tanh, F.gelu,
+                        F.mish, F.elu}
+
+# Ops whose output lies on the same quantization grid as their input (they only move, select or
+# repeat values), so they reuse the producer's quantizer instead of getting their own.
+_PASS_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool2d, nn.Identity, nn.Flatten,
+                 nn.Unflatten, nn.ZeroPad2d, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)
+_PASS_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool2d, torch.flatten, torch.reshape,
+                   torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.chunk, torch.split,
+                   operator.getitem, F.pixel_shuffle, F.pixel_unshuffle}
+_PASS_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
+                 "chunk", "split", "clone", "detach", "view_as", "reshape_as"}
+_CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+
+
+class QuantTracer(fx.Tracer):
+    """An fx tracer that also keeps modules whose class name is in ``leaf_classes`` as leaves.
+
+    Matching by class *name* keeps quant/ free of model imports (YOLO passes ``('Detect',)``).
+    """
+
+    def __init__(self, leaf_classes: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.leaf_classes = frozenset(leaf_classes)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return type(m).__name__ in self.leaf_classes or super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(model: nn.Module, leaf_classes: Iterable[str] = (),
+          concrete_args: Optional[dict[str, Any]] = None) -> fx.GraphModule:
+    """Symbolically trace ``model`` (not copied) into a GraphModule; named leaf classes stay opaque."""
+    tracer = QuantTracer(leaf_classes)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except (fx.proxy.TraceError, TypeError, NotImplementedError, RuntimeError) as err:
+        raise ValueError(f"{type(model).__name__}: torch.fx could not trace the model ({err}); "
+                         f"mark untraceable blocks as leaf modules (leaf_modules in the quant config)") from err
+    return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+
+
+# ------------------------------------------------------------------------------------ node kinds
+def _module(gm: nn.Module, node: fx.Node) -> Optional[nn.Module]:
+    if node.op != "call_module":
+        return None
+    return gm.get_submodule(node.target)
+
+
+def _is_relu_method(node: fx.Node) -> Optional[str]:
+    if node.op == "call_method" and node.target in ("relu", "relu_"):
+        return "relu"
+    return None
+
+
+def activation_kind(gm: nn.Module, node: fx.Node) -> Optional[str]:
+    """'relu' / 'relu6' for a fusable activation node, 'other' for any other activation, else None."""
+    mod = _module(gm, node)
+    if mod is not None:
+        for cls, kind in _FUSABLE_ACT_MODULES.items():
+            if type(mod) is cls:
+                return kind
+        return "other" if isinstance(mod, _OTHER_ACT_MODULES) else None
+    if node.op == "call_function":
+        if node.target in _FUSABLE_ACT_FUNCTIONS:
+            return _FUSABLE_ACT_FUNCTIONS[node.target]
+        return "other" if node.target in _OTHER_ACT_FUNCTIONS else None
+    return _is_relu_method(node)
+
+
+def is_pass_through(gm: nn.Module, node: fx.Node) -> bool:
+    """True for ops that keep their input's quantization grid (pooling by max, nearest upsample,
+    reshapes, slicing); they reuse the producer's quantizer."""
+    mod = _module(gm, node)
+    if mod is not None:
+        if isinstance(mod, nn.Upsample):
+            return mod.mode == "nearest"
+        return isinstance(mod, _PASS_MODULES)
+    if node.op == "call_function":
+        if node.target is F.interpolate:
+            return node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest") == "nearest"
+        return node.target in _PASS_FUNCTIONS
+    return node.op == "call_method" and node.target in _PASS_METHODS
+
+
+def is_concat(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _CAT_FUNCTIONS
+
+
+def is_add(node: fx.Node) -> bool:
+    """A tensor + tensor add (adds of a constant are not alignment points)."""
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        args = node.args[:2]
+    elif node.op == "call_method" and node.target in ("add", "add_"):
+        args = node.args[:2]
+    else:
+        return False
+    return len(args) == 2 and all(isinstance(a, fx.Node) for a in args)
+
+
+def concat_inputs(node: fx.Node) -> list[fx.Node]:
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors", node.kwargs.get("tensor", ()))
+    return [t for t in tensors if isinstance(t, fx.Node)]
+
+
+def resolve_producer(gm: nn.Module, node: fx.Node) -> fx.Node:
+    """Walk back through pass-through ops to the node that really produced the values."""
+    while is_pass_through(gm, node):
+        first = next((a for a in node.args if isinstance(a, fx.Node)), None)
+        if first is None:
+            break
+        node = first
+    return node
+
+
+def owner_name(node: fx.Node) -> str:
+    """The qualified name of the innermost module whose forward created ``node`` ('' for the root)."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path if isinstance(path, str) else ""
+
+
+# ------------------------------------------------------------------------------------ chains
+@dataclass(frozen=True)
+class Chain:
+    """A Conv2d call with the BatchNorm2d and activation that follow it.
+
+    ``conv``/``bn`` are module names; ``act`` is the activation's module name (or node name for a
+    functional activation); ``act_kind`` is 'relu', 'relu6', 'other' (e.g. SiLU: reported, never
+    fused) or None.  ``nodes`` are the fx node names that fuse into one module, in order.
+    """
+
+    conv: str
+    bn: Optional[str]
+    act: Optional[str]
+    act_kind: Optional[str]
+    nodes: tuple[str, ...]
+
+    @property
+    def fused_act(self) -> Optional[str]:
+        """The activation kind folded into the fused module ('relu'/'relu6') or None."""
+        return self.act_kind if self.act_kind in ("relu", "relu6") else None
+
+    def describe(self) -> str:
+        parts = ["conv"] + (["bn"] if self.bn else []) + ([self.act_kind] if self.fused_act else [])
+        return "+".join(parts)
+
+
+def _single_user(node: fx.Node) -> Optional[fx.Node]:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _call_counts(gm: fx.GraphModule) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            counts[node.target] = counts.get(node.target, 0) + 1
+    return counts
+
+
+def find_conv_bn_act(gm: fx.GraphModule) -> list[Chain]:
+    """One :class:`Chain` per traced ``nn.Conv2d`` call (in graph order).
+
+    The BN joins when it is the conv's only user and is called once; the activation joins when it
+    is the only user of the BN (or of the conv when there is no BN).  A conv module called more than
+    once (shared weights) is skipped: it cannot become one fused module per call.
+    """
+    counts = _call_counts(gm)
+    chains = []
+    for node in gm.graph.nodes:
+        mod = _module(gm, node)
+        if not isinstance(mod, nn.Conv2d) or counts[node.target] != 1:
+            continue
+        nodes, bn, last = [node.name], None, node
+        user = _single_user(node)
+        if user is not None and isinstance(_module(gm, user), nn.BatchNorm2d) and counts[user.target] == 1:
+            bn, last = str(user.target), user
+            nodes.append(user.name)
+        act, kind = None, None
+        user = _single_user(last)
+        if user is not None:
+            kind = activation_kind(gm, user)
+            if kind is not None:
+                act = str(user.target) if user.op == "call_module" else user.name
+                if kind in ("relu", "relu6"):
+                    nodes.append(user.name)
+        chains.append(Chain(str(node.target), bn, act, kind, tuple(nodes)))
+    return chains
+
+
+# ------------------------------------------------------------------------------------ groups
+@dataclass(frozen=True)
+class Group:
+    """An op whose inputs must share one quantizer: a concat (output shares it too) or an add.
+
+    ``inputs`` are the producers of the inputs (found through pass-through ops, duplicates
+    removed); ``output`` is the op's node; ``share_id`` numbers the merged set of tensors that use
+    one quantizer (groups touching a common tensor get the same id).
+    """
+
+    kind: str
+    inputs: tuple[str, ...]
+    output: str
+    share_id: int = -1
+
+
+def group_of(gm: nn.Module, node: fx.Node) -> Optional[Group]:
+    """The Group of a concat or tensor-add node (share_id -1), else None."""
+    if is_concat(node):
+        kind, raw = "concat", concat_inputs(node)
+    elif is_add(node):
+        kind, raw = "add", list(node.args[:2])
+    else:
+        return None
+    names = []
+    for arg in raw:
+        name = resolve_producer(gm, arg).name
+        if name not in names:
+            names.append(name)
+    return Group(kind, tuple(names), node.name)
+
+
+def merge_groups(groups: Sequence[Group], order: Optional[Sequence[str]] = None) -> dict[str, int]:
+    """Union-find over tensors: {tensor node name: set id}.  Concat ties inputs and output, add ties
+    its inputs only.  Ids are numbered by first appearance in ``order`` (default: group order)."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for g in groups:
+        members = list(g.inputs) + ([g.output] if g.kind == "concat" else [])
+        for m in members[1:]:
+            parent[find(m)] = find(members[0])
+        find(members[0])
+    names = list(order) if order is not None else [n for g in groups for n in (*g.inputs, g.output)]
+    ids: dict[str, int] = {}
+    out: dict[str, int] = {}
+    for name in names:
+        if name in parent:
+            out[name] = ids.setdefault(find(name), len(ids))
+    return out
+
+
+def find_alignment_groups(gm: fx.GraphModule) -> list[Group]:
+    """One :class:`Group` per ``torch.cat`` and tensor add, in graph order, with merged share ids."""
+    groups = [g for g in (group_of(gm, n) for n in gm.graph.nodes) if g is not None]
+    ids = merge_groups(groups, order=[n.name for n in gm.graph.nodes])
+    return [Group(g.kind, g.inputs, g.output, ids[g.inputs[0]]) for g in groups]
+
+
+# ------------------------------------------------------------------------------------ graphviz
+_PALETTE = ("#8dd3c7", "#ffffb3", "#bebada", "#fb8072", "#80b1d3", "#fdb462", "#b3de69", "#fccde5",
+            "#bc80bd", "#ccebc5", "#ffed6f", "#a6cee3", "#b2df8a", "#fb9a99", "#fdbf6f", "#cab2d6")
+
+
+def _quote(text: str) -> str:
+    """Dot string literal; newlines become dot's centred line breaks."""
+    escaped = str(text).replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + escaped.replace("\n", "\\n") + '"'
+
+
+def _label(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return f"{node.target}\n{type(mod).__name__}"
+    if node.op in ("call_function", "call_method"):
+        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        return f"{node.name}\n{target}"
+    return f"{node.name}\n{node.op}"
+
+
+def _node_style(gm: fx.GraphModule, node: fx.Node, colours: dict[int, str], group_colour: Optional[str]) -> str:
+    mod = _module(gm, node)
+    if mod is not None and "FakeQuant" in type(mod).__name__:
+        # One colour per quantizer instance: shared quantizers show up as same-coloured diamonds.
+        colour = colours.setdefault(id(mod), _PALETTE[len(colours) % len(_PALETTE)])
+        return f'shape=diamond, style=filled, fillcolor="{colour}"'
+    if group_colour is not None:
+        return f'shape=box, style="filled,bold", fillcolor="{group_colour}"'
+    if node.op in ("placeholder", "output"):
+        return "shape=oval"
+    return "shape=box"
+
+
+def _dot_lines(gm: fx.GraphModule, chains: Sequence[Chain], groups: Sequence[Group], title: str) -> list[str]:
+    in_chain = {name: i for i, c in enumerate(chains) for name in c.nodes if len(c.nodes) > 1}
+    member_set: dict[str, int] = {}
+    for g in groups:
+        for name in (*g.inputs, g.output) if g.kind == "concat" else g.inputs:
+            member_set.setdefault(name, g.share_id)
+    lines = ["digraph G {", f"  label={_quote(title)};", "  labelloc=t;", "  rankdir=TB;",
+             '  node [fontsize=10, fontname="Helvetica"];']
+    colours: dict[int, str] = {}
+    clusters: dict[int, list[str]] = {}
+    for node in gm.graph.nodes:
+        sid = member_set.get(node.name)
+        colour = _PALETTE[sid % len(_PALETTE)] if sid is not None and sid >= 0 else None
+        text = f"  {_quote(node.name)} [label={_quote(_label(gm, node))}, {_node_style(gm, node, colours, colour)}];"
+        if node.name in in_chain:
+            clusters.setdefault(in_chain[node.name], []).append(text)
+        else:
+            lines.append(text)
+    for i, body in sorted(clusters.items()):
+        lines += [f"  subgraph cluster_chain_{i} {{", f"    label={_quote('fuse ' + chains[i].describe())};",
+                  '    style="rounded,filled"; fillcolor="#eeeeee"; color="#555555";', *body, "  }"]
+    for node in gm.graph.nodes:
+        for src in node.all_input_nodes:
+            lines.append(f"  {_quote(src.name)} -> {_quote(node.name)};")
+    lines.append("}")
+    return lines
+
+
+def write_graphviz(gm: fx.GraphModule, path: Any, chains: Sequence[Chain] = (), groups: Sequence[Group] = (),
+                   title: str = "") -> Any:
+    """Write ``gm`` as Graphviz dot text: fusion chains as grey clusters, alignment-group members
+    filled with one colour per shared set, fake-quant modules as diamonds coloured per instance.
+    Also renders a .pdf next to it when the ``dot`` binary is on PATH.  Returns the .gv path."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(_dot_lines(gm, chains, groups, title)) + "\n", encoding="utf-8")
+    dot = shutil.which("dot")
+    if dot is not None:
+        result = subprocess.run([dot, "-Tpdf", str(path), "-o", str(path.with_suffix(".pdf"))],
+                                capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            LOGGER.warning("%s: dot could not render the graph: %s", path, result.stderr.strip()[:200])
+    return path

@@ -1,0 +1,100 @@
+"""When observers calibrate and when BN statistics freeze, decided per (epoch, batch).
+
+The earlier QAT attempt toggled its freezes inside the batch loop and so took every range from one
+batch. Here the state is a pure function of the training position, validated up front: observers
+run for at least `min_observer_batches` batches, and nothing but `apply_schedule` flips them.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch.nn as nn
+
+LOGGER = logging.getLogger(__name__)
+
+
+def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, quantizer) for every distinct Pow2FakeQuantize in `model`; shared ones appear once."""
+    from quant.fake_quant import Pow2FakeQuantize
+
+    seen: set[int] = set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, Pow2FakeQuantize) and id(module) not in seen:
+            seen.add(id(module))
+            yield name, module
+
+
+def set_observers(model: nn.Module, on: bool) -> None:
+    """Enable or freeze every observer (a fixed-range quantizer stays fixed either way)."""
+    for _, q in iter_quantizers(model):
+        q.enable_observer(on)
+
+
+def set_fake_quant(model: nn.Module, on: bool) -> None:
+    for _, q in iter_quantizers(model):
+        q.enable_fake_quant(on)
+
+
+def set_bn_frozen(model: nn.Module, frozen: bool) -> None:
+    """Freeze (use running statistics, stop updating them) or unfreeze BN in every fused QAT conv."""
+    for module in model.modules():
+        toggle = getattr(module, "freeze_bn" if frozen else "unfreeze_bn", None)
+        if toggle is not None and hasattr(module, "bn"):
+            toggle()
+
+
+@dataclass(frozen=True)
+class QATSchedule:
+    """Observers calibrate for the first `observer_epochs` epochs (fractions allowed); BN statistics
+    freeze from epoch `freeze_bn_epoch` on (a negative value never freezes)."""
+
+    observer_epochs: float = 1.0
+    freeze_bn_epoch: int = 2
+    min_observer_batches: int = 8
+
+    def validate(self, batches_per_epoch: int) -> None:
+        """Refuse schedules that would calibrate on (almost) nothing, e.g. 0.001 epochs."""
+        batches = self.observer_batches(batches_per_epoch)
+        if batches < min(self.min_observer_batches, batches_per_epoch):
+            raise ValueError(f"--qat-observer-epochs {self.observer_epochs} gives {batches} calibration "
+                             f"batch(es) of {batches_per_epoch} per epoch; use at least "
+                             f"{self.min_observer_batches} batches (or one whole epoch)")
+
+    def observer_batches(self, batches_per_epoch: int) -> int:
+        """Batches the observers run for: fractions of a batch count as a whole one."""
+        # Round first: 1.1 * 100 is 110.00000000000001 in floating point, which is 110 batches, not 111.
+        return math.ceil(round(self.observer_epochs * batches_per_epoch, 9))
+
+    def observers_on(self, epoch: int, batch_i: int, batches_per_epoch: int) -> bool:
+        return epoch * batches_per_epoch + batch_i < self.observer_batches(batches_per_epoch)
+
+    def bn_frozen(self, epoch: int) -> bool:
+        return 0 <= self.freeze_bn_epoch <= epoch
+
+
+class ScheduleState:
+    """Applies a QATSchedule to a model, flipping flags only when the schedule's answer changes."""
+
+    def __init__(self, schedule: QATSchedule, batches_per_epoch: int):
+        schedule.validate(batches_per_epoch)
+        self.schedule, self.nb = schedule, batches_per_epoch
+        self.observers: bool | None = None
+        self.bn_frozen: bool | None = None
+
+    def step(self, model: nn.Module, epoch: int, batch_i: int = 0) -> None:
+        observers = self.schedule.observers_on(epoch, batch_i, self.nb)
+        if observers != self.observers:
+            set_observers(model, observers)
+            if self.observers is not None or not observers:
+                LOGGER.info(f"QAT: observers {'calibrating' if observers else 'frozen'} "
+                            f"(epoch {epoch}, batch {batch_i})")
+            self.observers = observers
+        frozen = self.schedule.bn_frozen(epoch)
+        if frozen != self.bn_frozen:
+            set_bn_frozen(model, frozen)
+            if frozen:
+                LOGGER.info(f"QAT: BN statistics frozen from epoch {epoch}")
+            self.bn_frozen = frozen

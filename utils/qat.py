@@ -1,0 +1,93 @@
+"""YOLO glue for quant/: which config, which layer index a module belongs to, and QAT checkpoints.
+
+quant/ knows nothing of YOLO; this module supplies the YOLO-specific pieces: the Detect head is a
+leaf for torch.fx, `model.<i>.…` names map to layer index i for `layer:<i>` rules, and a QAT
+checkpoint stores the float model's yaml, the prepared model's state and the quant config, so
+`rebuild_qat_model` can call `prepare` again and load the state (checkpoints stay plain data).
+"""
+from __future__ import annotations
+
+import logging
+import re
+from copy import deepcopy
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from utils.paths import ROOT
+
+LOGGER = logging.getLogger(__name__)
+
+DEFAULT_QAT_CONFIG = ROOT / "data" / "quant" / "default.yaml"
+QAT_ENTRY_VERSION = 1
+_LAYER = re.compile(r"^model\.(\d+)(?:\.|$)")
+
+
+def yolo_layer_index(name: str) -> Optional[int]:
+    """'model.24.m.0' -> 24; names outside the layer list -> None."""
+    match = _LAYER.match(name)
+    return int(match.group(1)) if match else None
+
+
+def load_quant_config(config: Union[str, Path, dict, Any, None]):
+    """A QuantConfig from a yaml path, a dict, an existing config, or None (the shipped default)."""
+    from quant.config import QuantConfig
+
+    if isinstance(config, QuantConfig):
+        return config
+    if isinstance(config, dict):
+        return QuantConfig.from_dict(config, source="checkpoint")
+    path = Path(config) if config else DEFAULT_QAT_CONFIG
+    if not path.is_file() and (ROOT / path).is_file():
+        path = ROOT / path
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: QAT config not found")
+    return QuantConfig.from_yaml(path)
+
+
+def prepare_qat_model(model: nn.Module, imgsz: int, config=None, graph_dir: Optional[Path] = None) -> nn.Module:
+    """Fuse and insert power-of-2 fake quantizers into a float DetectionModel (returns a new module)."""
+    from quant.prepare import prepare
+
+    config = load_quant_config(config)
+    silu = sum(isinstance(m, nn.SiLU) for m in model.modules())
+    if silu:
+        LOGGER.warning(f"WARNING: the model still has {silu} SiLU activations; they stay float after "
+                       "prepare. Convert first (train.py --act relu) for an integer-only network.")
+    device = next(model.parameters()).device
+    example = torch.zeros(1, 3, imgsz, imgsz, device=device)
+    prepared = prepare(model, example, config, layer_index_of=yolo_layer_index, graph_dir=graph_dir)
+    prepared.qat_config = config
+    prepared.qat_imgsz = int(imgsz)
+    return prepared
+
+
+def qat_checkpoint_entry(prepared: nn.Module) -> dict:
+    """The plain-data 'quant' entry of a QAT checkpoint."""
+    return {"version": QAT_ENTRY_VERSION, "config": prepared.qat_config.to_dict(), "imgsz": prepared.qat_imgsz}
+
+
+def is_qat_checkpoint(ckpt: dict) -> bool:
+    return isinstance(ckpt, dict) and isinstance(ckpt.get("quant"), dict)
+
+
+def rebuild_qat_model(path: Path, ckpt: dict, state: dict, device: Any = "cpu") -> nn.Module:
+    """Prepare a fresh model exactly as training did and load the checkpoint's QAT state into it."""
+    from models.yolo import DetectionModel
+
+    entry = ckpt["quant"]
+    if entry.get("version") != QAT_ENTRY_VERSION:
+        raise ValueError(f"{path}: QAT entry version {entry.get('version')} is not supported "
+                         f"(expected {QAT_ENTRY_VERSION})")
+    model = DetectionModel(deepcopy(ckpt["model_yaml"]))
+    prepared = prepare_qat_model(model, int(entry["imgsz"]), entry["config"])
+    missing, unexpected = prepared.load_state_dict(
+        {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: QAT state does not match the rebuilt model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    names = ckpt.get("names") or {}
+    prepared.names = dict(enumerate(names)) if isinstance(names, (list, tuple)) else dict(names)
+    return prepared.to(device).eval()
