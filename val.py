@@ -88,15 +88,19 @@ def score_coco_json(pred_json: Path, anno_json: Path, im_files: list[str]) -> tu
 def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thres=0.6, max_det=300,
         task="val", device="", workers=8, single_cls=False, augment=False, verbose=False, save_txt=False,
         save_conf=False, save_json=False, project=ROOT / "runs/val", name="exp", exist_ok=False,
-        half=True, model=None, dataloader=None, save_dir=Path(""), plots=True, compute_loss=None):
+        half=True, model=None, dataloader=None, save_dir=Path(""), plots=True, compute_loss=None,
+        qat_report=False, ptq=False, calib_images=512, qat_config=None):
     """Validate and return ((P, R, mAP50, mAP50-95, *mean losses), per-class mAPs, speeds in ms).
 
     Called with `weights` from the command line, or in-process by training with `model` and
     `dataloader` already built (then nothing is loaded and the run folder is the caller's).
+    `weights` may be an official or own .pt (float or QAT) or an exported .onnx file. `ptq` prepares
+    a float model with `qat_config` and calibrates it on `calib_images` training images (the PTQ
+    baseline); `qat_report` prints every quantizer's type, scale, range and clipping.
     """
     from utils.data_config import check_img_size, load_data_config
 
-    training = model is not None
+    training, rect = model is not None, True
     if training:
         device = next(model.parameters()).device
         half &= device.type != "cpu"
@@ -109,21 +113,21 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
         device = select_device(device, batch_size=batch_size)
         save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
         (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
-        model, _ = load_model(weights, device=device, fuse=True)
-        half &= device.type != "cpu"
+        data = load_data_config(data)
+        model, rect, imgsz = _load_for_val(weights, device, imgsz, data, ptq, calib_images, qat_config, workers)
+        half &= device.type != "cpu" and not _is_quantized(model)
         stride = max(int(model.stride.max()), 32)
         imgsz = check_img_size(imgsz, stride)
-        data = load_data_config(data)
     model = model.half() if half else model.float()
     model.eval()
     nc = 1 if single_cls else int(data["nc"])
     names = {0: "item"} if single_cls and len(data["names"]) != 1 else dict(data["names"])
     if not training:
-        model_nc = int(model.model[-1].nc)
+        model_nc = int(getattr(model, "nc", None) or model.model[-1].nc)
         if model_nc != nc and not single_cls:
             raise ValueError(f"{weights}: model has {model_nc} classes but {data['yaml_file']} has {nc}; "
                              "pass matching --data or --single-cls")
-        dataloader = _make_dataloader(data, task, imgsz, batch_size, stride, single_cls, workers)
+        dataloader = _make_dataloader(data, task, imgsz, batch_size, stride, single_cls, workers, rect)
     if task == "speed":
         conf_thres, iou_thres = 0.25, 0.45
     anno_json = Path(data.get("path", "")) / "annotations" / "instances_val2017.json"
@@ -134,6 +138,11 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
                       on_image=writer if (save_txt or save_json) else None)
     print_results(result, names, per_class=(verbose or (nc < 50 and not training)),
                   batch_shape=None if training else (batch_size, 3, imgsz, imgsz))
+    if qat_report and _is_quantized(model):
+        from quant.report import quantizer_table
+
+        images = next(iter(dataloader))[0][:8].to(device).float() / 255
+        LOGGER.info("\n" + quantizer_table(model, images))
     if save_json and writer.records:
         result = _save_and_score_json(writer, weights, save_dir, anno_json, dataloader, result)
     if not training:
@@ -143,7 +152,52 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
     return (result.mp, result.mr, result.map50, result.map, *losses), result.maps, result.speeds_ms
 
 
-def _make_dataloader(data, task, imgsz, batch_size, stride, single_cls, workers):
+def _is_quantized(model) -> bool:
+    return hasattr(model, "qat_config")
+
+
+def _load_for_val(weights, device, imgsz, data, ptq, calib_images, qat_config, workers):
+    """(model, rect batches?, image size) for a .pt (float, QAT, or float+PTQ) or .onnx file."""
+    from utils.checkpoint import load_model
+
+    if Path(str(weights)).suffix == ".onnx":
+        from utils.onnx_backend import load_onnx_model
+
+        model, meta = load_onnx_model(weights, device)
+        if not meta["dynamic_hw"] and imgsz != meta["imgsz"][0]:
+            LOGGER.warning(f"{weights}: static ONNX model, validating at its exported size {meta['imgsz'][0]}")
+        # a static file has fixed H, W: square letterbox, as upstream validates non-PyTorch backends
+        return model, meta["dynamic_hw"], (imgsz if meta["dynamic_hw"] else meta["imgsz"][0])
+    model, meta = load_model(weights, device=device, fuse=not ptq)
+    if ptq:
+        if meta.get("qat"):
+            raise ValueError(f"{weights}: --ptq needs a float checkpoint, this one is already quantized")
+        from utils.data_config import check_img_size
+
+        imgsz = check_img_size(imgsz, max(int(model.stride.max()), 32))  # prepare traces at this size
+        model = _post_training_quantize(model, device, imgsz, data, calib_images, qat_config, workers)
+    return model, True, imgsz
+
+
+def _post_training_quantize(model, device, imgsz, data, calib_images, qat_config, workers):
+    """The PTQ baseline: the same prepare as QAT, observers calibrated on training images, no training."""
+    from quant.calibrate import calibrate
+    from utils.dataset import create_dataloader
+    from utils.log import colorstr
+    from utils.qat import prepare_qat_model
+
+    stride = max(int(model.stride.max()), 32)
+    prepared = prepare_qat_model(model, imgsz, qat_config)
+    source = data.get("train") or data["val"]
+    # Square letterboxed images in a seeded random order: rect batches come sorted by aspect ratio,
+    # so the first N images would be a biased calibration sample (and rect turns shuffling off).
+    loader = create_dataloader(source, imgsz, 32, stride, rect=False, workers=workers, shuffle=True,
+                               prefix=colorstr("calibration: "))[0]
+    calibrate(prepared, loader, calib_images, device)
+    return prepared.eval()
+
+
+def _make_dataloader(data, task, imgsz, batch_size, stride, single_cls, workers, rect=True):
     from utils.dataset import create_dataloader
     from utils.log import colorstr
 
@@ -151,7 +205,7 @@ def _make_dataloader(data, task, imgsz, batch_size, stride, single_cls, workers)
     if not data.get(split):
         raise ValueError(f"{data['yaml_file']}: no '{split}' split defined")
     pad = 0.0 if task == "speed" else 0.5
-    return create_dataloader(data[split], imgsz, batch_size, stride, single_cls, pad=pad, rect=task != "speed",
+    return create_dataloader(data[split], imgsz, batch_size, stride, single_cls, pad=pad, rect=rect and task != "speed",
                              workers=workers, prefix=colorstr(f"{split}: "))[0]
 
 
@@ -170,7 +224,7 @@ def _save_and_score_json(writer, weights, save_dir, anno_json, dataloader, resul
 def parse_opt(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=str, default=str(ROOT / "data/coco128.yaml"), help="dataset.yaml path")
-    parser.add_argument("--weights", type=str, default=str(ROOT / "yolov5s.pt"), help="model path (.pt)")
+    parser.add_argument("--weights", type=str, default=str(ROOT / "yolov5s.pt"), help="model path (.pt or .onnx)")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size")
     parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="inference size (pixels)")
     parser.add_argument("--conf-thres", type=float, default=0.001, help="confidence threshold")
@@ -189,6 +243,10 @@ def parse_opt(argv=None):
     parser.add_argument("--name", default="exp", help="save to project/name")
     parser.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
     parser.add_argument("--half", action="store_true", help="use FP16 half-precision inference (CUDA only)")
+    parser.add_argument("--qat-report", action="store_true", help="QAT/PTQ models: print every quantizer's scale and range")
+    parser.add_argument("--ptq", action="store_true", help="post-training quantization baseline of a float model")
+    parser.add_argument("--calib-images", type=int, default=512, help="--ptq: number of calibration images")
+    parser.add_argument("--qat-config", type=str, default=None, help="--ptq: quant config yaml (default data/quant/default.yaml)")
     return parser.parse_args(argv)
 
 

@@ -1,0 +1,93 @@
+"""Time onnxruntime CPU inference of ONNX detectors: median latency per batch and images per second.
+
+Usage:
+    python -m bench.onnx_latency --onnx yolov5n.onnx [other.onnx ...] --iters 50 --threads 2 --json out.json
+
+Each file runs on the same random input (its exported height/width unless --imgsz is given; its
+static batch, else --batch-size). With several files the first is the baseline and the others get a
+speed ratio against it (the INT8-vs-float comparison will use this).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+LOGGER = logging.getLogger("bench.onnx_latency")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def time_onnx(file: str | Path, batch_size: int = 1, imgsz: int | None = None, iters: int = 50,
+              warmup: int = 5, threads: int = 0) -> dict:
+    """Median/mean ms per batch and images/s of one ONNX file on onnxruntime's CPU provider."""
+    import numpy as np
+
+    from utils.onnx_backend import load_onnx_model
+
+    model, meta = load_onnx_model(file, "cpu", threads=threads, spin=True)
+    if iters < 1 or warmup < 0:
+        raise ValueError(f"--iters {iters} / --warmup {warmup}: need iters >= 1 and warmup >= 0")
+    h, w = meta["imgsz"] if meta["imgsz"][0] and meta["imgsz"][1] else (640, 640)
+    if meta["dynamic_hw"] and imgsz:
+        h = w = imgsz
+    batch = meta["batch"] if meta["batch"] != "dynamic" else batch_size
+    x = np.random.default_rng(0).random((batch, 3, h, w), dtype=np.float32).astype(model.input_dtype)
+    feed = {model.input_name: x}
+    for _ in range(warmup):
+        model.session.run(None, feed)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        model.session.run(None, feed)
+        times.append((time.perf_counter() - t0) * 1e3)
+    median = statistics.median(times)
+    return {"file": str(file), "shape": [batch, 3, h, w], "threads": threads, "iters": iters,
+            "median_ms": median, "mean_ms": statistics.fmean(times), "images_per_s": batch * 1e3 / median,
+            "quant": meta["quant"]}
+
+
+def run(onnx=(), batch_size=1, imgsz=None, iters=50, warmup=5, threads=0, json_out=None) -> list[dict]:
+    """Time each file; log one line each (with the ratio to the first) and optionally write JSON."""
+    rows = [time_onnx(f, batch_size, imgsz, iters, warmup, threads) for f in onnx]
+    for row in rows:
+        row["speedup_vs_first"] = rows[0]["median_ms"] / row["median_ms"]
+        LOGGER.info("%-40s %s  median %.2f ms  mean %.2f ms  %.1f images/s  x%.2f vs first",
+                    Path(row["file"]).name, tuple(row["shape"]), row["median_ms"], row["mean_ms"],
+                    row["images_per_s"], row["speedup_vs_first"])
+    if json_out:
+        Path(json_out).write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+def parse_opt(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--onnx", nargs="+", required=True, help="ONNX file(s); the first is the baseline")
+    parser.add_argument("--batch-size", type=int, default=1, help="batch for dynamic-batch files")
+    parser.add_argument("--imgsz", type=int, default=None, help="square size for dynamic-size files (640)")
+    parser.add_argument("--iters", type=int, default=50, help="timed runs")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed runs first")
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    parser.add_argument("--json", dest="json_out", default=None, help="write the rows as JSON here")
+    return parser.parse_args(argv)
+
+
+def main(opt) -> int:
+    from utils.log import setup_logging
+
+    setup_logging()
+    try:
+        run(**vars(opt))
+    except (ValueError, OSError, ImportError) as e:
+        LOGGER.error(f"onnx_latency: error: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    if str(ROOT) not in sys.path:  # run as a file (python bench/onnx_latency.py): find the packages
+        sys.path.insert(0, str(ROOT))
+    sys.exit(main(parse_opt()))
