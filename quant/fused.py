@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["QATConvBnAct", "QATConv", "make_act"]
@@ -46,7 +45,33 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tens
     return conv.weight * sf.reshape(-1, 1, 1, 1), (bias - bn.running_mean) * sf + bn.bias
 
 
-class QATConvBnAct(nn.Module):
+def _quantizing(q: Optional[nn.Module]) -> bool:
+    """True when ``q`` is a calibrated, enabled quantizer of at most 8 bits (one the export keeps)."""
+    return (q is not None and bool(getattr(q, "calibrated", 0)) and bool(getattr(q, "fake_quant_enabled", 0))
+            and getattr(q, "bits", 32) <= 8)
+
+
+def quantize_bias(bias: Optional[torch.Tensor], in_q: Optional[nn.Module], w_q: nn.Module) -> Optional[torch.Tensor]:
+    """The bias on the int32 grid ``s_in * s_w`` (round half to even, straight-through gradient): what
+    the integer model adds to its int32 accumulator and what the QDQ export stores. Float when the
+    input or the weight is not quantized."""
+    if bias is None or not (_quantizing(in_q) and _quantizing(w_q)):
+        return bias
+    step = (in_q.scale().to(bias) * w_q.scale().to(bias)).reshape(-1)
+    return bias + (torch.round(bias / step) * step - bias).detach()
+
+
+class _LinksInput:
+    """Mixin: a reference to the quantizer of the conv's input, kept out of the module tree (it is
+    registered where it lives) so state_dict keys and module names do not change."""
+
+    _input_quant: Optional[nn.Module] = None
+
+    def link_input_quantizer(self, q: Optional[nn.Module]) -> None:
+        object.__setattr__(self, "_input_quant", q)
+
+
+class QATConvBnAct(_LinksInput, nn.Module):
     """Conv2d + optional BatchNorm2d + optional ReLU/ReLU6 with a fake-quantized (folded) weight.
 
     Args:
@@ -107,18 +132,23 @@ class QATConvBnAct(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, bn = self.conv, self.bn
         if bn is None:
-            y = conv._conv_forward(x, self.weight_fake_quant(conv.weight), conv.bias)
+            bias = conv.bias if conv.bias is not None else None
+            y = conv._conv_forward(x, self.weight_fake_quant(conv.weight),
+                                   quantize_bias(bias, self._input_quant, self.weight_fake_quant))
             return self.act(y)
         sf = self._bn_scale()
         w_q = self.weight_fake_quant(conv.weight * sf.reshape(-1, 1, 1, 1))
+        if not self.training or self.bn_frozen:
+            # Running statistics: run exactly the folded conv the export and an NPU run, conv(x, w_q) +
+            # b_fold, rather than conv / sf then BN, whose float rounding moves values across
+            # quantization boundaries. Gradients still reach gamma and beta through w_q and b_fold.
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            b_fold = quantize_bias((bias - bn.running_mean) * sf + bn.bias, self._input_quant, self.weight_fake_quant)
+            return self.act(conv._conv_forward(x, w_q, b_fold))
         y = conv._conv_forward(x, w_q, None) / sf.reshape(1, -1, 1, 1)
         if conv.bias is not None:
             y = y + conv.bias.reshape(1, -1, 1, 1)
-        if self.training and not self.bn_frozen:
-            y = bn(y)  # batch statistics; the running statistics keep updating
-        else:
-            y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-        return self.act(y)
+        return self.act(bn(y))  # batch statistics; the running statistics keep updating
 
     @torch.no_grad()
     def folded_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +164,7 @@ class QATConvBnAct(nn.Module):
         return f"bn_mode={self.bn_mode}" + (", bn_frozen=True" if self.bn_frozen else "")
 
 
-class QATConv(nn.Conv2d):
+class QATConv(_LinksInput, nn.Conv2d):
     """An ``nn.Conv2d`` with a fake-quantized weight and (optionally) a fake-quantized output.
 
     Drop-in for a conv inside a module fx does not trace into (e.g. a detection head): it *is* a
@@ -153,7 +183,8 @@ class QATConv(nn.Conv2d):
         self.out_quant = out_fq if out_fq is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_quant(self._conv_forward(x, self.weight_fake_quant(self.weight), self.bias))
+        bias = quantize_bias(self.bias, self._input_quant, self.weight_fake_quant)
+        return self.out_quant(self._conv_forward(x, self.weight_fake_quant(self.weight), bias))
 
     @torch.no_grad()
     def folded_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:

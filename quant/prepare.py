@@ -449,6 +449,7 @@ def prepare(model: nn.Module, example_inputs: Union[torch.Tensor, tuple], config
         prepared.to(param.device)
     prepared.train(model.training)
     prepared.register_forward_pre_hook(begin_observation_step)
+    link_input_quantizers(prepared)
     _check_runs(prepared, inputs)
     if graph_dir is not None:
         write_graphviz(prepared, Path(graph_dir) / "after_prepare.gv", groups=find_alignment_groups(prepared),
@@ -457,6 +458,32 @@ def prepare(model: nn.Module, example_inputs: Union[torch.Tensor, tuple], config
                                                                for e in prepared.plan),
                 len({id(m) for m in prepared.modules() if isinstance(m, Pow2FakeQuantize)}))
     return prepared
+
+
+def _quantizer_feeding(gm: fx.GraphModule, node: Any) -> Optional[Pow2FakeQuantize]:
+    src = resolve_producer(gm, node) if isinstance(node, fx.Node) else None
+    if src is None or src.op != "call_module":
+        return None
+    module = gm.get_submodule(str(src.target))
+    return module if isinstance(module, Pow2FakeQuantize) else None
+
+
+def link_input_quantizers(gm: fx.GraphModule) -> None:
+    """Tell every quantized conv which quantizer feeds it, so its bias can sit on the int32 grid
+    s_in * s_w as in the integer model. A leaf module (detection head) called with N tensors applies
+    its i-th QATConv to the i-th tensor (the convention quant.integer_ref and the export share)."""
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(str(node.target))
+        if isinstance(module, QATConvBnAct):
+            module.link_input_quantizer(_quantizer_feeding(gm, node.args[0]))
+        elif not isinstance(module, QATConv) and any(isinstance(m, QATConv) for m in module.modules()):
+            convs = [m for m in module.modules() if isinstance(m, QATConv)]
+            args = node.args[0] if node.args and isinstance(node.args[0], (list, tuple)) else node.args
+            if len(args) == len(convs):
+                for conv, arg in zip(convs, args):
+                    conv.link_input_quantizer(_quantizer_feeding(gm, arg))
 
 
 def begin_observation_step(module: nn.Module, _args) -> None:

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
+import onnx
+import onnxruntime as ort
 
 import export  # noqa: E402
 from utils.checkpoint import load_model  # noqa: E402

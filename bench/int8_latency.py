@@ -1,0 +1,106 @@
+"""INT8 QDQ vs FP32 ONNX latency in onnxruntime (CPU), same input, same session options.
+
+Usage:
+    python -m bench.int8_latency --weights ../shared/weights/yolov5n.pt --imgsz 320 640 --json int8.json
+
+For each size: the float model (rebuilt with ReLU, as QAT models are) and its PTQ-calibrated
+power-of-2 QAT twin (a few coco128 images; accuracy is irrelevant for latency) are exported with
+export.py's library path, then timed with bench.onnx_latency.time_onnx. Prints both medians and
+the FP32/INT8 ratio (> 1: INT8 is faster) and writes the rows as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+LOGGER = logging.getLogger("bench.int8_latency")
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("YQ_SHARED", ROOT.parent / "shared"))
+
+
+def _calibration_batch(imgsz: int, n: int):
+    import torch
+
+    from utils.onnx_check import sample_batch
+
+    images = sorted((SHARED / "datasets" / "coco128" / "images" / "train2017").glob("*.jpg"))[:n]
+    return (sample_batch(images, max(len(images), 1), (imgsz, imgsz)) * 255).round().to(torch.uint8)
+
+
+def build_pair(weights: Path, imgsz: int, folder: Path, act: str = "relu", calib: int = 8) -> tuple[Path, Path]:
+    """(fp32 .onnx, int8 QDQ .onnx) of ``weights`` rebuilt with ``act``, exported at ``imgsz``."""
+    from quant.calibrate import calibrate
+    from utils.checkpoint import load_model, make_checkpoint, save_checkpoint
+    from utils.export_job import export_weights
+    from utils.qat import prepare_qat_model, qat_checkpoint_entry
+
+    model, _ = load_model(weights, act=act)
+    fp32_pt, int8_pt = folder / f"fp32_{imgsz}.pt", folder / f"int8_{imgsz}.pt"
+    save_checkpoint(make_checkpoint(model), fp32_pt)
+    prepared = prepare_qat_model(model, imgsz)
+    calibrate(prepared, [_calibration_batch(imgsz, calib)], calib)
+    save_checkpoint(make_checkpoint(prepared, quant=qat_checkpoint_entry(prepared)), int8_pt)
+    fp32 = export_weights(fp32_pt, imgsz=imgsz, check_images=[]).file
+    int8 = export_weights(int8_pt, imgsz=imgsz, check_images=[]).file
+    return fp32, int8
+
+
+def run(weights=SHARED / "weights" / "yolov5n.pt", imgsz=(320, 640), iters=30, warmup=5, threads=0, act="relu",
+        json_out=None, keep=None) -> list[dict]:
+    """Time FP32 and INT8 at each size; returns one row per size."""
+    from bench.onnx_latency import time_onnx
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(keep) if keep else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        for size in imgsz:
+            fp32, int8 = build_pair(Path(weights), int(size), folder, act)
+            t_fp32 = time_onnx(fp32, 1, None, iters, warmup, threads)
+            t_int8 = time_onnx(int8, 1, None, iters, warmup, threads)
+            row = {"imgsz": int(size), "fp32_median_ms": t_fp32["median_ms"], "int8_median_ms": t_int8["median_ms"],
+                   "fp32_over_int8": t_fp32["median_ms"] / t_int8["median_ms"], "threads": threads, "iters": iters,
+                   "fp32_mb": fp32.stat().st_size / 1e6, "int8_mb": int8.stat().st_size / 1e6}
+            LOGGER.info("imgsz %d: FP32 median %.2f ms, INT8 QDQ median %.2f ms, FP32/INT8 x%.2f "
+                        "(files %.1f MB / %.1f MB)", size, row["fp32_median_ms"], row["int8_median_ms"],
+                        row["fp32_over_int8"], row["fp32_mb"], row["int8_mb"])
+            rows.append(row)
+    if json_out:
+        Path(json_out).write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    print(json.dumps(rows))
+    return rows
+
+
+def parse_opt(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", type=str, default=str(SHARED / "weights" / "yolov5n.pt"))
+    parser.add_argument("--imgsz", nargs="+", type=int, default=[320, 640])
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    parser.add_argument("--act", type=str, default="relu", help="activation the float model is rebuilt with")
+    parser.add_argument("--json", dest="json_out", type=str, default=None)
+    parser.add_argument("--keep", type=str, default=None, help="folder to keep the .pt/.onnx files in")
+    return parser.parse_args(argv)
+
+
+def main(opt) -> int:
+    from utils.log import setup_logging
+
+    setup_logging()
+    try:
+        run(**vars(opt))
+    except (ValueError, OSError, ImportError) as e:
+        LOGGER.error(f"int8_latency: error: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main(parse_opt()))

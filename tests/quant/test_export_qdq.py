@@ -1,0 +1,177 @@
+"""QDQ ONNX export of QAT checkpoints: structure, ranges JSON, onnxruntime agreement, mAP."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import onnx
+
+from onnx import numpy_helper  # noqa: E402
+
+from models.yolo import DetectionModel  # noqa: E402
+from quant.schedule import iter_quantizers  # noqa: E402
+from utils.checkpoint import make_checkpoint, save_checkpoint  # noqa: E402
+from utils.export_job import export_weights  # noqa: E402
+from utils.qat import prepare_qat_model, qat_checkpoint_entry  # noqa: E402
+
+
+def _qat_checkpoint(path, imgsz=64):
+    torch.manual_seed(0)
+    prepared = prepare_qat_model(DetectionModel("yolov5p.yaml", act="relu", nc=2), imgsz)
+    prepared.train()
+    for _ in range(2):  # observers calibrate (and BN statistics move) on random images
+        prepared(torch.rand(2, 3, imgsz, imgsz))
+    prepared.eval()
+    save_checkpoint(make_checkpoint(prepared, quant=qat_checkpoint_entry(prepared)), path)
+    return prepared
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qdq")
+    prepared = _qat_checkpoint(folder / "qat.pt")
+    result = export_weights(folder / "qat.pt", imgsz=64, check_images=[])
+    return prepared, result, onnx.load(str(result.file))
+
+
+def _values(model):
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            inits[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    for node in model.graph.node:  # shared constants arrive through Identity
+        if node.op_type == "Identity" and node.input[0] in inits:
+            inits[node.output[0]] = inits[node.input[0]]
+    return inits
+
+
+def test_qdq_file_and_metadata(exported):
+    _, result, model = exported
+    assert result.file.suffix == ".onnx" and result.ranges_file.is_file()
+    assert all(c.passed for c in result.checks) and result.checks[0].fraction_within >= 0.999
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["quant"])["scheme"] == "pow2-int8"
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "BatchNormalization" not in ops
+
+
+def test_scales_are_powers_of_two_and_zero_points_zero(exported):
+    _, _, model = exported
+    values = _values(model)
+    nodes = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert len(nodes) > 100
+    for node in nodes:
+        scale = values[node.input[1]].astype(np.float64).reshape(-1)
+        mant, _ = np.frexp(scale)
+        assert (mant == 0.5).all(), (node.name, scale)
+        assert not values[node.input[2]].any()
+
+
+def test_dtypes_follow_training(exported):
+    prepared, _, model = exported
+    values = _values(model)
+    zps = {n.output[0]: values[n.input[2]].dtype for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    assert values[next(n for n in model.graph.node if n.op_type == "QuantizeLinear").input[2]].dtype == np.uint8
+    assert {np.dtype(np.uint8), np.dtype(np.int8)} == set(zps.values())  # ReLU outputs uint8, head int8
+    conv_weights = [values[p.input[0]] for n in model.graph.node if n.op_type == "Conv"
+                    for p in model.graph.node if p.op_type == "DequantizeLinear" and p.output[0] == n.input[1]]
+    assert len(conv_weights) == 60 and all(w.dtype == np.int8 for w in conv_weights)
+    biases = [values[p.input[0]] for n in model.graph.node if n.op_type == "Conv"
+              for p in model.graph.node if p.op_type == "DequantizeLinear" and p.output[0] == n.input[2]]
+    assert len(biases) == 60 and all(b.dtype == np.int32 for b in biases)
+
+
+def test_concat_inputs_share_one_scale(exported):
+    _, _, model = exported
+    values = _values(model)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    checked = 0
+    for node in (n for n in model.graph.node if n.op_type == "Concat"):
+        scales = set()
+        for t in node.input:
+            p = producer.get(t)
+            while p is not None and p.op_type in ("MaxPool", "Resize"):
+                p = producer.get(p.input[0])
+            if p is not None and p.op_type == "DequantizeLinear":
+                scales.add(float(values[p.input[1]]))
+        if scales:
+            assert len(scales) == 1, node.name
+            checked += 1
+    assert checked == 13  # 8 C3 blocks + SPPF + 4 head joins
+
+
+def test_ranges_json(exported):
+    prepared, result, _ = exported
+    ranges = json.loads(result.ranges_file.read_text())
+    assert ranges["scheme"] == "pow2-int8"
+    inp = ranges["activations"]["act_quant.input"]
+    assert inp["dtype"] == "uint8" and inp["scale_exponent"] == -8 and inp["max"] == 255 / 256
+    assert inp["onnx_tensors"][0]["float"] == "images"
+    fq = prepared.model[0].weight_fake_quant
+    w = ranges["weights"]["model.0"]
+    assert w["range_exponent"] == [int(v) for v in fq.exponent.tolist()]
+    assert w["scale_exponent"] == [int(v) - 7 for v in fq.exponent.tolist()]
+    assert w["onnx_weight"] in ranges["tensors"]
+    n_act = len({id(q) for n, q in iter_quantizers(prepared) if not n.endswith("weight_fake_quant")})
+    assert len(ranges["activations"]) == n_act
+    head = ranges["activations"]["model.24.m.0.out_quant"]
+    assert head["dtype"] == "int8" and head["onnx_tensors"]
+
+
+def test_raw_head_dynamic_export(tmp_path):
+    _qat_checkpoint(tmp_path / "qat.pt")
+    result = export_weights(tmp_path / "qat.pt", imgsz=64, raw_head=True, dynamic=True, check_images=[])
+    assert len(result.checks) == 2 and all(c.passed for c in result.checks)
+    assert [o.name for o in onnx.load(str(result.file)).graph.output] == ["output0", "output1", "output2"]
+
+
+def test_qdq_map_matches_pytorch(tmp_path, shared_dir):
+    """PTQ of the official yolov5n (SiLU stays float), exported QDQ: val mAP equal within 0.002."""
+    import val
+    from quant.calibrate import calibrate
+    from utils.checkpoint import load_model
+
+    images = sorted((shared_dir / "datasets" / "coco128" / "images" / "train2017").glob("*.jpg"))[:32]
+    if len(images) < 32:
+        raise FileNotFoundError("coco128 not found in the shared folder")
+    listing = tmp_path / "val.txt"
+    listing.write_text("\n".join(str(p) for p in images) + "\n")
+    data = tmp_path / "data.yaml"
+    data.write_text(json.dumps({"path": str(tmp_path), "train": str(listing), "val": str(listing), "nc": 80,
+                                "names": [str(i) for i in range(80)]}))
+    model, _ = load_model(shared_dir / "weights" / "yolov5n.pt")
+    prepared = prepare_qat_model(model, 160)
+    from utils.onnx_check import sample_batch
+
+    batches = [(sample_batch(images[:4], 4, (160, 160)) * 255).round().to(torch.uint8)]
+    calibrate(prepared, batches, 4)
+    save_checkpoint(make_checkpoint(prepared, quant=qat_checkpoint_entry(prepared)), tmp_path / "ptq.pt")
+    result = export_weights(tmp_path / "ptq.pt", imgsz=160, dynamic=True, check_images=images[:1])  # rect batches as .pt
+    kw = dict(data=str(data), batch_size=16, imgsz=160, device="cpu", plots=False, project=tmp_path, workers=0)
+    pt = val.run(weights=str(tmp_path / "ptq.pt"), name="pt", **kw)[0]
+    ox = val.run(weights=str(result.file), name="onnx", **kw)[0]
+    assert pt[2] > 0.05  # a meaningful mAP50, so the comparison says something
+    print("mAP50 / mAP50-95: PyTorch", pt[2:4], "ONNX", ox[2:4])
+    assert abs(pt[2] - ox[2]) <= 0.002 and abs(pt[3] - ox[3]) <= 0.002
+
+
+@pytest.mark.parametrize("act", ["relu", "silu"])
+def test_prepared_model_equals_its_export_form_exactly(act):
+    """Eval-mode QAT model == BN-folded export module, value for value (bias on the int32 grid in both)."""
+    from models.yolo import DetectionModel
+    from quant.export import convert_for_export
+
+    torch.manual_seed(0)
+    prepared = prepare_qat_model(DetectionModel("yolov5p.yaml", act=act), 64).train()
+    for _ in range(2):
+        prepared(torch.rand(4, 3, 64, 64))
+    prepared.eval()
+    exported = convert_for_export(prepared)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        ours, theirs = prepared(x)[1], exported(x)[1]
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
