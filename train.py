@@ -181,7 +181,12 @@ def run(**kwargs):
         init_seeds(opt.seed + 1 + int(os.getenv("RANK", -1)), deterministic=True)
         trainer = Trainer(opt, device, Path(opt.save_dir), stop_after_epoch=stop_after_epoch)
         trainer.setup()
-        return trainer.fit()
+        results = trainer.fit()
+        if created:
+            import torch.distributed as dist
+
+            dist.barrier()  # every rank waits for rank 0's final validation before the group is torn down
+        return results
     finally:
         if created:
             import torch.distributed as dist

@@ -85,11 +85,13 @@ def restore_logging():
 
 def test_setup_logging_levels_and_single_handler(restore_logging):
     root = logging.getLogger()
-    n0 = len(root.handlers)
+    n0 = len([h for h in root.handlers if h.formatter is None or h.formatter._fmt != "%(message)s"])
     h1 = setup_logging(verbose=True, rank=-1)
     h2 = setup_logging(verbose=True, rank=0)
     assert h1 not in root.handlers and h2 in root.handlers
-    assert len(root.handlers) == n0 + 1  # a second call replaces, never stacks
+    ours = [h for h in root.handlers if h.formatter is not None and h.formatter._fmt == "%(message)s"]
+    assert ours == [h2] and len(root.handlers) == n0 + 1  # a second call replaces, never stacks (also an
+    # earlier in-process script's handler)
     assert logging.getLogger("utils.autoanchor").getEffectiveLevel() == logging.INFO
     assert h2.format(logging.makeLogRecord({"msg": "plain %s", "args": ("text",)})) == "plain text"
     setup_logging(verbose=True, rank=1)
