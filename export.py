@@ -24,14 +24,14 @@ def default_check_images() -> list[Path]:
 
 
 def run(data=None, weights=ROOT / "yolov5s.pt", imgsz=(640, 640), batch_size=1, device="cpu", include=("onnx",),
-        half=False, dynamic=False, simplify=False, opset=17, raw_head=False, check_images=None):
+        half=False, dynamic=False, simplify=False, opset=17, raw_head=False, check_images=None, fixed_shape=False):
     """Export and check; returns the list of files written (one per --include format)."""
     from utils.export_job import export_weights
 
     images = default_check_images() if check_images is None else check_images
     result = export_weights(weights, imgsz=imgsz, batch_size=batch_size, device=device, half=half,
                             dynamic=dynamic, simplify=simplify, opset=opset, include=include,
-                            raw_head=raw_head, data=data, check_images=images)
+                            raw_head=raw_head, data=data, check_images=images, fixed_shape=fixed_shape)
     return [str(result.file)]
 
 
@@ -45,7 +45,10 @@ def parse_opt(argv=None):
     parser.add_argument("--batch-size", type=int, default=1, help="batch size")
     parser.add_argument("--device", default="cpu", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
     parser.add_argument("--half", action="store_true", help="FP16 half-precision export (CUDA only)")
-    parser.add_argument("--dynamic", action="store_true", help="ONNX: dynamic batch, height and width")
+    parser.add_argument("--dynamic", action="store_true", help="ONNX: dynamic batch too (height and width are "
+                        "always free unless --fixed-shape)")
+    parser.add_argument("--fixed-shape", action="store_true", help="ONNX: fix height and width to --imgsz "
+                        "(for toolchains that need static shapes; val.py then letterboxes square)")
     parser.add_argument("--simplify", action="store_true", help="ONNX: simplify with onnxslim/onnxsim if installed")
     parser.add_argument("--opset", type=int, default=17, help="ONNX: opset version")
     parser.add_argument("--include", nargs="+", default=["onnx"], help="formats to export (supported: onnx)")

@@ -35,7 +35,12 @@ def _export(tmp_path_factory, shared_dir, name: str, **kwargs):
 
 @pytest.fixture(scope="module")
 def static320(tmp_path_factory, shared_dir):
-    return _export(tmp_path_factory, shared_dir, "static", imgsz=320)
+    return _export(tmp_path_factory, shared_dir, "static", imgsz=320, fixed_shape=True)
+
+
+@pytest.fixture(scope="module")
+def default320(tmp_path_factory, shared_dir):
+    return _export(tmp_path_factory, shared_dir, "default", imgsz=320)
 
 
 @pytest.fixture(scope="module")
@@ -111,21 +116,22 @@ def test_raw_head_export_shapes_and_decoding(raw320, torch_model):
                                                            meta["strides"]).numpy()])[1] < 1e-4
 
 
-@pytest.mark.parametrize("kind", ["static", "dynamic"])
-def test_val_on_onnx_matches_torch(kind, static320, dynamic256, torch_model, shared_dir, tmp_path):
+@pytest.mark.parametrize("kind", ["static", "dynamic", "default"])
+def test_val_on_onnx_matches_torch(kind, static320, dynamic256, default320, torch_model, shared_dir, tmp_path):
     """Dynamic files take the rectangular batches val uses for PyTorch; a static file can only take its
     exported shape, so both models see square letterboxed batches (rect=False, as upstream's val.py
     does for every non-PyTorch backend)."""
     from utils.dataset import create_dataloader
     from utils.evaluate import EvalOptions, evaluate
 
-    result = (static320 if kind == "static" else dynamic256)[0]
+    result = {"static": static320, "dynamic": dynamic256, "default": default320}[kind][0]
     images = sorted((shared_dir / "datasets" / "coco128" / "images" / "train2017").glob("*.jpg"))[:64]
     listing = tmp_path / "subset.txt"  # the first 64 coco128 images keep this test short
     listing.write_text("".join(f"{p}\n" for p in images))
-    loader = create_dataloader(str(listing), 320, 32, 32, pad=0.5, rect=kind == "dynamic", workers=0)[0]
+    loader = create_dataloader(str(listing), 320, 32, 32, pad=0.5, rect=kind != "static", workers=0)[0]
     onnx_model, meta = load_onnx_model(result.file, "cpu", threads=1)
-    assert meta["dynamic_hw"] == (kind == "dynamic") and meta["nc"] == 80
+    assert meta["dynamic_hw"] == (kind != "static") and meta["nc"] == 80
+    assert meta["batch"] == ("dynamic" if kind == "dynamic" else 1)  # the default keeps upstream's batch 1
     names = meta["names"]
     scores = [evaluate(m, loader, torch.device("cpu"), 80, names, EvalOptions()) for m in (torch_model, onnx_model)]
     assert scores[0].map > 0.2 and scores[0].seen == 64

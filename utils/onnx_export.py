@@ -45,10 +45,13 @@ class ExportError(ValueError):
 
 @dataclass(frozen=True)
 class OnnxOptions:
-    """How to write the ONNX file. ``dynamic``: batch, height and width are free dimensions."""
+    """How to write the ONNX file. Height and width are free dimensions unless ``fixed_shape`` (so
+    val.py can feed the same rectangular batches as for the .pt file); ``dynamic`` frees the batch
+    size too."""
 
     opset: int = 17
     dynamic: bool = False
+    fixed_shape: bool = False
     raw_head: bool = False
     half: bool = False
     simplify: bool = False
@@ -62,6 +65,8 @@ class OnnxOptions:
             raise ExportError(f"--opset {self.opset}: the {self.exporter} exporter writes opsets {lo}-{hi}")
         if self.half and self.dynamic:
             raise ExportError("--half is not compatible with --dynamic; use one or the other (as upstream)")
+        if self.dynamic and self.fixed_shape:
+            raise ExportError("--dynamic and --fixed-shape contradict each other; use one")
 
 
 def check_include(include: Any) -> list[str]:
@@ -123,10 +128,12 @@ def io_names(nl: int, raw_head: bool) -> tuple[list[str], list[str]]:
     return ["images"], [f"output{i}" for i in range(nl if raw_head else 1)]
 
 
-def _dynamic_axes(outputs: list[str], raw_head: bool) -> dict[str, dict[int, str]]:
-    axes = {"images": {0: "batch", 2: "height", 3: "width"}}
+def _dynamic_axes(outputs: list[str], raw_head: bool, batch: bool = True) -> dict[str, dict[int, str]]:
+    """Free height/width (and the batch when ``batch``) of the input and the matching output axes."""
+    first = {0: "batch"} if batch else {}
+    axes = {"images": {**first, 2: "height", 3: "width"}}
     for i, name in enumerate(outputs):
-        axes[name] = {0: "batch", 2: f"ny{i}", 3: f"nx{i}"} if raw_head else {0: "batch", 1: "anchors"}
+        axes[name] = {**first, 2: f"ny{i}", 3: f"nx{i}"} if raw_head else {**first, 1: "anchors"}
     return axes
 
 
@@ -135,14 +142,15 @@ def _torch_export(wrapper: nn.Module, im: torch.Tensor, file: Path, options: Onn
     """Call torch.onnx.export with the chosen exporter; errors become one-line ExportErrors."""
     kwargs: dict[str, Any] = dict(opset_version=options.opset, input_names=["images"], output_names=outputs)
     if options.exporter == "dynamo":
-        if options.dynamic:
+        if not options.fixed_shape:
             dim = torch.export.Dim
-            kwargs["dynamic_shapes"] = {"x": {0: dim("batch"), 2: 32 * dim("h32", min=1, max=256),
-                                              3: 32 * dim("w32", min=1, max=256)}}
+            shapes = {2: 32 * dim("h32", min=1, max=256), 3: 32 * dim("w32", min=1, max=256)}
+            kwargs["dynamic_shapes"] = {"x": {0: dim("batch"), **shapes} if options.dynamic else shapes}
         kwargs.update(dynamo=True, external_data=False)
     else:
         kwargs.update(dynamo=False, do_constant_folding=True,
-                      dynamic_axes=_dynamic_axes(outputs, options.raw_head) if options.dynamic else None)
+                      dynamic_axes=None if options.fixed_shape else _dynamic_axes(outputs, options.raw_head,
+                                                                                   batch=options.dynamic))
     with warnings.catch_warnings():
         # The TorchScript exporter warns on every call that it is deprecated; the module docstring
         # says why we still choose it. Tracer warnings about Python-side shape checks are expected.
