@@ -176,6 +176,7 @@ def run(**kwargs):
                 opt.hyp = yaml.safe_load(fh)
         opt.freeze = [int(x) for x in (opt.freeze if isinstance(opt.freeze, (list, tuple)) else [opt.freeze])]
     device, created = _init_distributed(opt)
+    trainer = None
     try:
         opt.save_dir = str(_make_save_dir(opt))
         init_seeds(opt.seed + 1 + int(os.getenv("RANK", -1)), deterministic=True)
@@ -189,8 +190,14 @@ def run(**kwargs):
         return results
     finally:
         if created:
+            import gc
+
             import torch.distributed as dist
 
+            # Free DDP, its reducer and the loaders while the interpreter is fully alive: gloo work
+            # objects released during interpreter shutdown abort the process (SIGABRT).
+            trainer = None
+            gc.collect()
             dist.destroy_process_group()
 
 
