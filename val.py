@@ -106,7 +106,6 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
         half &= device.type != "cpu"
         data = load_data_config(data) if not isinstance(data, dict) or "nc" not in data else data
     else:
-        from utils.checkpoint import load_model
         from utils.paths import increment_path
         from utils.torch_utils import select_device
 

@@ -31,6 +31,7 @@ from utils.dataset import create_dataloader
 from utils.loss import ComputeLoss
 from utils.qat import prepare_qat_model
 from utils.synthetic import make_synthetic_dataset
+from tiny_nets import AddConcatNet
 
 REPO = Path(__file__).resolve().parents[1]
 IMGSZ, BATCH, EPOCHS = 64, 8, 3
@@ -274,28 +275,12 @@ def test_ddp_qat_two_processes(float_best, data_yaml, tmp_path):
     assert meta["qat"] and _assert_pow2(model) > 100
 
 
-class _Tiny(nn.Module):
-    """conv-bn-relu stem, two branches joined by add and concat, a signed head conv."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.a = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.b = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU())
-        self.head = nn.Conv2d(16, 4, 1)
-
-    def forward(self, x):
-        s = self.stem(x)
-        a = self.a(s)
-        return self.head(torch.cat([a + s, self.b(s)], 1))
-
-
 def _sync_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)  # identical initial weights on every rank
         config = QuantConfig(rules=(LayerRule("head", activation={"rounding": "mse"}),))
-        model = prepare(_Tiny(), torch.zeros(1, 3, 16, 16), config).train()
+        model = prepare(AddConcatNet(), torch.zeros(1, 3, 16, 16), config).train()
         gen = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
         for _ in range(3):
             model(torch.randn(4, 3, 16, 16, generator=gen) * (1 + rank))

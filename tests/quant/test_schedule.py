@@ -12,27 +12,13 @@ from quant.fake_quant import Pow2FakeQuantize
 from quant.fused import QATConvBnAct
 from quant.prepare import prepare
 from quant.schedule import QATSchedule, ScheduleState, iter_quantizers, set_bn_frozen, set_observers
-
-
-class _Net(nn.Module):
-    """Conv-BN-ReLU blocks joined by an add and a concat (shared quantizers), then a signed conv."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.a = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.b = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU())
-        self.head = nn.Conv2d(16, 4, 1)
-
-    def forward(self, x):
-        s = self.stem(x)
-        return self.head(torch.cat([self.a(s) + s, self.b(s)], 1))
+from tiny_nets import AddConcatNet
 
 
 @pytest.fixture()
 def model() -> nn.Module:
     torch.manual_seed(0)
-    return prepare(_Net(), torch.zeros(1, 3, 16, 16), QuantConfig()).train()
+    return prepare(AddConcatNet(), torch.zeros(1, 3, 16, 16), QuantConfig()).train()
 
 
 def _observed(model: nn.Module) -> dict:
