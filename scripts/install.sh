@@ -9,4 +9,7 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install --quiet torch==2.13.0
 fi
 "$PY" -m pip install --quiet -r requirements.txt
-"$PY" -m pip install --quiet -e . --no-deps --no-build-isolation
+# Editable install of the library packages (scripts also run from the repo root without it). Builds
+# with the installed setuptools when there is one, else lets pip fetch it.
+"$PY" -m pip install --quiet -e . --no-deps --no-build-isolation 2>/dev/null \
+  || "$PY" -m pip install --quiet -e . --no-deps
