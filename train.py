@@ -154,6 +154,7 @@ def run(**kwargs):
         >>> run(data="synthetic.yaml", cfg="yolov5n.yaml", weights="", imgsz=128, epochs=1)  # doctest: +SKIP
     """
     from utils.torch_utils import init_seeds
+    from utils.train_setup import check_hyp
     from utils.trainer import Trainer
 
     stop_after_epoch = kwargs.pop("_stop_after_epoch", None)  # test hook: simulate an interruption
@@ -171,9 +172,11 @@ def run(**kwargs):
         opt.cfg, opt.data, opt.project = str(opt.cfg or ""), str(opt.data), str(opt.project)
         if opt.qat and Path(str(opt.hyp)) == ROOT / "data/hyps/hyp.scratch-low.yaml":
             opt.hyp = str(ROOT / "data/hyps/hyp.qat.yaml")  # --qat without --hyp: QAT's own defaults
+        hyp_source = opt.hyp if isinstance(opt.hyp, (str, Path)) else "hyp"
         if isinstance(opt.hyp, (str, Path)):
             with open(opt.hyp, encoding="utf-8") as fh:
                 opt.hyp = yaml.safe_load(fh)
+        check_hyp(opt.hyp, hyp_source)
         opt.freeze = [int(x) for x in (opt.freeze if isinstance(opt.freeze, (list, tuple)) else [opt.freeze])]
     device, created = _init_distributed(opt)
     trainer = None

@@ -182,11 +182,11 @@ def parse_model(d: dict, ch: list[int], act: ActivationSpec = None,
             raise ValueError(f"{source}: layer {i} uses unknown module {name!r}; known: {', '.join(REGISTRY)}")
         args = [_resolve_arg(a, symbols) for a in args]
         n = max(round(n * gd), 1) if n > 1 else n
-        args, c2, n = _layer_args(block, args, f, ch, n, no, gw)
-        kwargs = {"act": act} if act is not None and _takes_act(block, args) else {}
-        try:
+        try:  # a wrong argument (e.g. a string as channel count) is the yaml's fault: say which layer
+            args, c2, n = _layer_args(block, args, f, ch, n, no, gw)
+            kwargs = {"act": act} if act is not None and _takes_act(block, args) else {}
             m_ = nn.Sequential(*(block(*args, **kwargs) for _ in range(n))) if n > 1 else block(*args, **kwargs)
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, IndexError) as err:
             raise ValueError(f"{source}: layer {i} ({name} {args}) could not be built: {err}") from err
         m_.i, m_.f = i, f
         m_.type = f"{block.__module__}.{block.__qualname__}"
@@ -256,15 +256,19 @@ class DetectionModel(nn.Module):
         m = self.model[-1]
         if isinstance(m, Detect):
             m.inplace = self.inplace
-            self._init_stride_and_anchors(m, ch)
+            self._init_stride_and_anchors(m, ch, source=source)
         else:
             self.stride = torch.tensor([32.0])
         self._init_norm_and_acts()
 
-    def _init_stride_and_anchors(self, m: Detect, ch: int, s: int = 256) -> None:
+    def _init_stride_and_anchors(self, m: Detect, ch: int, s: int = 256, source: str = "<dict>") -> None:
         """Measure strides with a dummy forward, order anchors to match, set biases (as v7.0)."""
-        with torch.no_grad():
-            outs = self._forward_once(torch.zeros(1, ch, s, s))
+        try:
+            with torch.no_grad():
+                outs = self._forward_once(torch.zeros(1, ch, s, s))
+        except (RuntimeError, TypeError, ValueError, IndexError) as err:  # layers that build but can not run
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(f"{source}: the model does not run on a {s}x{s} input: {first}") from err
         m.stride = torch.tensor([s / x.shape[-2] for x in outs])
         area = m.anchors.prod(-1).mean(-1).view(-1)  # mean anchor area per level
         if (area[-1] - area[0]) and (area[-1] - area[0]).sign() != (m.stride[-1] - m.stride[0]).sign():

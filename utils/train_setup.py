@@ -22,6 +22,29 @@ LOGGER = logging.getLogger(__name__)
 
 NOMINAL_BATCH = 64  # upstream accumulates gradients up to this batch size
 TRAIN_ONLY_KEYS = ("optimizer", "train_state_dict", "train_state", "ema_state_dict")
+# every key of data/hyps/hyp.scratch-low.yaml; the loop, loss and augmentations read them all
+REQUIRED_HYP_KEYS = ("lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum",
+                     "warmup_bias_lr", "box", "cls", "cls_pw", "obj", "obj_pw", "iou_t", "anchor_t",
+                     "fl_gamma", "hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear",
+                     "perspective", "flipud", "fliplr", "mosaic", "mixup", "copy_paste")
+OPTIONAL_HYP_KEYS = ("anchors", "label_smoothing")  # upstream's commented-out anchors; set by the trainer
+
+
+def check_hyp(hyp: Any, source: str | Path = "hyp") -> dict:
+    """Validate a hyperparameter dict: a missing required key is an error, an unknown one a warning.
+
+    Raises ValueError in one line naming ``source`` and the missing keys; returns ``hyp``.
+    """
+    if not isinstance(hyp, dict):
+        raise ValueError(f"{source}: hyperparameters must be a mapping of name: value, got {type(hyp).__name__}")
+    missing = [k for k in REQUIRED_HYP_KEYS if k not in hyp]
+    if missing:
+        raise ValueError(f"{source}: missing required hyperparameters {missing} "
+                         f"(see data/hyps/hyp.scratch-low.yaml)")
+    unknown = [k for k in hyp if k not in REQUIRED_HYP_KEYS and k not in OPTIONAL_HYP_KEYS]
+    if unknown:  # probably a typo: upstream would silently ignore it, we say so once
+        LOGGER.warning(f"WARNING: {source}: unknown hyperparameters {unknown} are ignored")
+    return hyp
 
 
 def _weights_entry(path: Path, ckpt: dict) -> tuple[dict, dict, dict]:
