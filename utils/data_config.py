@@ -29,9 +29,10 @@ from typing import Any
 
 import yaml
 
+from utils.paths import ROOT as REPO_ROOT
+
 LOGGER = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "val", "test")
 
 
@@ -69,7 +70,7 @@ def _parse_names(names: Any, where: str) -> dict[int, str]:
     raise DataConfigError(f"{where}: 'names' must be a list or a mapping, got {type(names).__name__}")
 
 
-def _resolve_root(path_value: Any, yaml_dir: Path | None) -> Path:
+def resolve_root(path_value: Any, yaml_dir: Path | None) -> Path:
     """Pick the dataset root folder (see the module docstring for the order of candidates)."""
     root = Path(str(path_value or "")).expanduser()
     if root.is_absolute():
@@ -125,7 +126,7 @@ def load_data_config(data: str | Path | dict, autodownload: bool = False) -> dic
     if "nc" in raw and raw["nc"] is not None and int(raw["nc"]) != len(names):
         raise DataConfigError(f"{where}: nc={raw['nc']} but {len(names)} names are given")
 
-    root = _resolve_root(raw.get("path"), yaml_file.parent if yaml_file else None)
+    root = resolve_root(raw.get("path"), yaml_file.parent if yaml_file else None)
     cfg = dict(raw)
     cfg.update(path=str(root), names=names, nc=len(names), yaml_file=str(yaml_file) if yaml_file else None)
     cfg["download"] = raw.get("download")

@@ -24,9 +24,10 @@ from typing import Any
 
 import yaml
 
+from utils.paths import ROOT as REPO_ROOT
+
 LOGGER = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS_BASE_URL = "https://github.com/ultralytics/yolov5/releases/download/v7.0"
 WEIGHTS_URL_ENV = "YQ_WEIGHTS_URL"  # overrides WEIGHTS_BASE_URL, e.g. a mirror or file:// folder
 OFFICIAL_WEIGHTS: tuple[str, ...] = ("yolov5n.pt", "yolov5s.pt", "yolov5m.pt", "yolov5l.pt",
@@ -248,18 +249,11 @@ def download_dataset(data_dict: dict[str, Any], data_root: str | Path,
 
 
 def resolve_dataset_root(data_dict: dict[str, Any], yaml_file: str | Path | None = None) -> Path:
-    """The dataset folder a yaml's `path` names, in the same order as utils.data_config.
+    """The dataset folder a yaml's `path` names: the loader's own rule (utils.data_config.resolve_root),
+    so downloads land where the loader will look."""
+    from utils.data_config import resolve_root
 
-    An absolute `path` is used as is. A relative one is tried against the yaml's folder, the
-    working directory and the repository root (upstream's rule); the first existing folder
-    wins, else the first candidate is where the dataset will be put.
-    """
-    path = Path(str(data_dict.get("path") or "")).expanduser()
-    if path.is_absolute():
-        return path.resolve()
-    bases = ([Path(yaml_file).resolve().parent] if yaml_file else []) + [Path.cwd(), REPO_ROOT]
-    candidates = [(base / path).resolve() for base in bases]
-    return next((c for c in candidates if c.is_dir()), candidates[0])
+    return resolve_root(data_dict.get("path"), Path(yaml_file).resolve().parent if yaml_file else None)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
