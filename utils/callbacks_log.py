@@ -45,6 +45,8 @@ class ResultsLogger:
         values = [float(v) for v in values]
         if len(values) != len(RESULT_KEYS):
             raise ValueError(f"results row for epoch {epoch}: {len(values)} values, expected {len(RESULT_KEYS)}")
+        if self.csv.exists():
+            self._drop_rows_from(epoch)
         header = "" if self.csv.exists() else ",".join(f"{k:>{_WIDTH}s}" for k in ("epoch", *RESULT_KEYS)) + "\n"
         row = ",".join(f"{v:>{_WIDTH}.5g}" for v in (epoch, *values)) + "\n"
         with open(self.csv, "a") as fh:
@@ -52,6 +54,14 @@ class ResultsLogger:
         if self.tb is not None:
             for key, value in zip(RESULT_KEYS, values):
                 self.tb.add_scalar(key, value, epoch)
+
+    def _drop_rows_from(self, epoch: int) -> None:
+        """Remove rows for ``epoch`` and later: a run killed after its row was written but before
+        last.pt was saved repeats that epoch on resume, which must replace the row, not add a second."""
+        lines = self.csv.read_text().splitlines(keepends=True)
+        keep = lines[:1] + [ln for ln in lines[1:] if ln.strip() and float(ln.split(",", 1)[0]) < epoch]
+        if len(keep) != len(lines):
+            self.csv.write_text("".join(keep))
 
     def close(self) -> None:
         """Flush and close TensorBoard (the csv is closed after every row)."""
