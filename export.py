@@ -8,12 +8,10 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
 
-LOGGER = logging.getLogger("export")
 ROOT = Path(__file__).resolve().parent
 
 
@@ -61,15 +59,9 @@ def parse_opt(argv=None):
 
 
 def main(opt) -> int:
-    from utils.log import setup_logging
+    from utils.log import run_cli
 
-    setup_logging()
-    try:
-        run(**vars(opt))
-    except (ValueError, OSError, ImportError) as e:  # library errors carry file and reason in one line
-        LOGGER.error(f"export.py: error: {e}")
-        return 1
-    return 0
+    return run_cli(run, opt, "export.py")
 
 
 if __name__ == "__main__":

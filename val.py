@@ -250,15 +250,9 @@ def parse_opt(argv=None):
 
 
 def main(opt) -> int:
-    from utils.log import setup_logging
+    from utils.log import run_cli
 
-    setup_logging()
-    try:
-        run(**vars(opt))
-    except (ValueError, OSError) as e:  # library errors carry file and reason in one line
-        LOGGER.error(f"val.py: error: {e}")
-        return 1
-    return 0
+    return run_cli(run, opt, "val.py", errors=(ValueError, OSError))
 
 
 if __name__ == "__main__":

@@ -90,15 +90,9 @@ def parse_opt(argv=None):
 
 
 def main(opt) -> int:
-    from utils.log import setup_logging
+    from utils.log import run_cli
 
-    setup_logging()
-    try:
-        run(**vars(opt))
-    except (ValueError, OSError, ImportError) as e:
-        LOGGER.error(f"int8_latency: error: {e}")
-        return 1
-    return 0
+    return run_cli(run, opt, "int8_latency")
 
 
 if __name__ == "__main__":

@@ -379,15 +379,9 @@ def parse_opt(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def main(opt: argparse.Namespace) -> int:
-    from utils.log import setup_logging
+    from utils.log import run_cli
 
-    setup_logging()
-    try:
-        run(**vars(opt))
-    except (ValueError, OSError, RuntimeError) as e:
-        LOGGER.error(f"train_speed: error: {e}")
-        return 1
-    return 0
+    return run_cli(run, opt, "train_speed", errors=(ValueError, OSError, RuntimeError))
 
 
 if __name__ == "__main__":

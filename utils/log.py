@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any, Callable
 
 # Progress bars across the project look like upstream's: a 10-character bar between the counters.
 TQDM_BAR_FORMAT = "{l_bar}{bar:10}{r_bar}"
@@ -73,3 +74,16 @@ def setup_logging(verbose: bool = True, rank: int = -1) -> logging.Handler:
     for name in PACKAGE_LOGGERS:
         logging.getLogger(name).setLevel(level)
     return handler
+
+
+def run_cli(run: Callable[..., Any], opt: Any, name: str,
+            errors: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError)) -> int:
+    """A script's main: set up logging, call ``run(**vars(opt))``, and turn the library's errors (which
+    carry file and reason in one line) into one log line and exit code 1 instead of a traceback."""
+    setup_logging()
+    try:
+        run(**vars(opt))
+    except errors as e:
+        logging.getLogger(__name__).error(f"{name}: error: {e}")
+        return 1
+    return 0
