@@ -67,6 +67,11 @@ class Pow2FakeQuantize(nn.Module):
         self.quant_max = 2 ** (self.bits - 1) - 1 if self.signed else 2 ** self.bits - 1
         self.ch_axis = spec.ch_axis
         self.calibrating = False
+        # Host-side copies of the 0/1 flag buffers and of the scale, each valid while its buffer is
+        # the same tensor at the same version: reading a CUDA buffer with bool() waits for the GPU,
+        # and a QAT model has hundreds of quantizers, so forward would otherwise stall at each one.
+        self._host_flags: dict[str, tuple] = {}
+        self._scale_cache: Optional[tuple] = None
         # Per-forward aggregation (see begin_step): the pre-step statistics and this step's range.
         self._step_stats: Optional[tuple] = None
         self._aggregate = False
@@ -89,16 +94,35 @@ class Pow2FakeQuantize(nn.Module):
         return self.spec.fixed_exponent is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if bool(self.observer_enabled) and (self.training or self.calibrating):
+        if (self.training or self.calibrating) and self._flag("observer_enabled"):
             self._observe(x.detach())
-        if not (bool(self.fake_quant_enabled) and bool(self.calibrated)):
+        if not self.is_active():
             return x
         return self._fake_quant(x)
 
+    def is_active(self) -> bool:
+        """True when forward fake-quantizes: calibrated and fake quantization enabled (no device sync)."""
+        return self._flag("fake_quant_enabled") and self._flag("calibrated")
+
     def scale(self) -> torch.Tensor:
-        """Per-channel (C,) or per-tensor (1,) float32 scales, exact powers of two."""
+        """Per-channel (C,) or per-tensor (1,) float32 scales, exact powers of two (a new tensor)."""
         # float64 pow then cast: exact for integer exponents on every backend.
         return torch.pow(2.0, self.exponent.double() - (self.bits - int(self.signed))).float()
+
+    def cached_scale(self) -> torch.Tensor:
+        """``scale()``, recomputed only when the exponent changed; shared, so never modify it in place.
+
+        Frozen observers leave the exponent untouched, so a frozen QAT step computes no scales.
+        """
+        exp = self.exponent
+        hit = self._scale_cache
+        if (hit is not None and hit[0] is exp and hit[1] == exp._version
+                and (torch.is_inference_mode_enabled() or not hit[2].is_inference())):
+            return hit[2]
+        scale = self.scale()
+        zero = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
+        self._scale_cache = (exp, exp._version, scale, zero)
+        return scale
 
     def begin_step(self) -> None:
         """Start a new forward pass: until the next call, every observation this quantizer makes is
@@ -136,6 +160,7 @@ class Pow2FakeQuantize(nn.Module):
         """
         if self.fixed or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
             return
+        self._host_flags.clear()  # collectives write the buffers behind the version counters' back
         observed = self.calibrated.float()  # ranks that never observed do not vote on errors
         old_top = self._window_top() if self.spec.rounding == "mse" else None
         dist.all_reduce(self.min_val, op=dist.ReduceOp.MIN)
@@ -148,13 +173,15 @@ class Pow2FakeQuantize(nn.Module):
             dist.all_reduce(shifted, op=dist.ReduceOp.SUM)
             dist.all_reduce(votes, op=dist.ReduceOp.SUM)
             self.mse_err.copy_(shifted / votes.clamp_min(1.0))
-        if bool(self.calibrated):
+        self._host_flags.clear()
+        self._scale_cache = None
+        if self._flag("calibrated"):
             self._update_exponent()
 
     @torch.no_grad()
     def clipping_ratio(self, x: torch.Tensor) -> float:
         """Fraction of the values of ``x`` outside the representable range (0.0 before calibration)."""
-        if not bool(self.calibrated) or x.numel() == 0:
+        if not self._flag("calibrated") or x.numel() == 0:
             return 0.0
         scale = self._broadcast(self.scale().to(x.device), x)
         xf = x.detach().float()
@@ -164,7 +191,7 @@ class Pow2FakeQuantize(nn.Module):
     def extra_repr(self) -> str:
         name = f"{'int' if self.signed else 'uint'}{self.bits}"
         grain = " per-channel" if self.spec.per_channel else ""
-        if not bool(self.calibrated):
+        if not self._flag("calibrated"):
             return f"{name}{grain}, uncalibrated, {self.spec.rounding}"
         k = self.scale().log2().round().to(torch.int64)
         lo, hi = int(k.min()), int(k.max())
@@ -173,15 +200,26 @@ class Pow2FakeQuantize(nn.Module):
         return f"{name}{grain}, {scale}{tail}"
 
     # ---- internals -------------------------------------------------------------------------------
+    def _flag(self, name: str) -> bool:
+        """The 0/1 buffer ``name`` as a bool, read from the device only after the buffer changed."""
+        buf = self._buffers[name]
+        hit = self._host_flags.get(name)
+        if hit is not None and hit[0] is buf and hit[1] == buf._version:
+            return hit[2]
+        value = bool(buf)
+        self._host_flags[name] = (buf, buf._version, value)
+        return value
+
     def _fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         # The core ops want float32; autocast tensors (bf16/fp16) go through float32 and back.
         xf = x if x.dtype == torch.float32 else x.float()
-        scale = self.scale().to(x.device)
+        scale = self.cached_scale()
+        zero = self._scale_cache[3]
+        if scale.device != x.device:
+            scale, zero = scale.to(x.device), zero.to(x.device)
         if self.spec.per_channel:
-            zero = torch.zeros(scale.shape, dtype=torch.int32, device=x.device)
             out = torch.fake_quantize_per_channel_affine(xf, scale, zero, self._axis(x), self.quant_min, self.quant_max)
         else:
-            zero = torch.zeros((1,), dtype=torch.int32, device=x.device)
             out = torch.fake_quantize_per_tensor_affine(xf, scale, zero, self.quant_min, self.quant_max)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
@@ -208,29 +246,32 @@ class Pow2FakeQuantize(nn.Module):
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
+        """Fold this batch's range into the statistics and update the exponent, all on the device
+        (the first-observation test is a device boolean, not a Python branch, so nothing syncs)."""
         rows = self._rows(x)
         if rows.shape[1] == 0:
             return
         lo, hi = rows.min(dim=1).values, rows.max(dim=1).values
         lo, hi = self._merge_with_step(lo, hi)
-        first = not bool(self.calibrated) or bool(torch.isinf(self.min_val).any())
-        old_top = None if first or self.spec.rounding != "mse" else self._window_top()
+        first = (self.calibrated == 0) | torch.isinf(self.min_val).any()  # 0-dim: replace every row
+        mse = self.spec.rounding == "mse"
+        old_top = self._window_top() if mse else None
         observer = self.spec.observer
-        if first or observer == "current":
-            self.min_val.copy_(lo)
-            self.max_val.copy_(hi)
+        if observer == "current":
+            new_lo, new_hi = lo, hi
         elif observer == "minmax":
-            torch.minimum(self.min_val, lo, out=self.min_val)
-            torch.maximum(self.max_val, hi, out=self.max_val)
+            new_lo, new_hi = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
         else:  # ema_minmax
             c = float(self.spec.averaging_constant)
-            self.min_val.add_(c * (lo - self.min_val))
-            self.max_val.add_(c * (hi - self.max_val))
+            new_lo, new_hi = self.min_val + c * (lo - self.min_val), self.max_val + c * (hi - self.max_val)
+        self.min_val.copy_(torch.where(first, lo, new_lo))
+        self.max_val.copy_(torch.where(first, hi, new_hi))
         self.num_observed.add_(1)
-        if self.spec.rounding == "mse":
-            self._accumulate_errors(rows, old_top)
+        if mse:
+            self._accumulate_errors(rows, old_top, first)
         self._update_exponent()
-        self.calibrated.fill_(1)
+        if not self._flag("calibrated"):
+            self.calibrated.fill_(1)
 
     def _merge_with_step(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Within one forward (after begin_step), widen this call's range by the earlier calls' and
@@ -238,13 +279,14 @@ class Pow2FakeQuantize(nn.Module):
         if not self._aggregate:
             return lo, hi
         if self._step_stats is None:
-            self._step_stats = (self.min_val.clone(), self.max_val.clone(), self.calibrated.clone(), lo, hi)
+            self._step_stats = (self.min_val.clone(), self.max_val.clone(), self._flag("calibrated"), lo, hi)
             return lo, hi
         min0, max0, calibrated0, lo_acc, hi_acc = self._step_stats
         lo, hi = torch.minimum(lo, lo_acc), torch.maximum(hi, hi_acc)
         self.min_val.copy_(min0)
         self.max_val.copy_(max0)
-        self.calibrated.copy_(calibrated0)
+        if not calibrated0:  # (host flag: rewriting an unchanged buffer would force a re-read)
+            self.calibrated.fill_(0)
         self._step_stats = (min0, max0, calibrated0, lo, hi)
         return lo, hi
 
@@ -275,18 +317,20 @@ class Pow2FakeQuantize(nn.Module):
             errs.append((q - rows).pow(2).mean(dim=1))
         return torch.stack(errs, dim=1)
 
-    def _accumulate_errors(self, rows: torch.Tensor, old_top) -> None:
+    def _accumulate_errors(self, rows: torch.Tensor, old_top: torch.Tensor, first: torch.Tensor) -> None:
+        """Average this batch's candidate errors into ``mse_err`` (replace them on a first observation)."""
         top = self._window_top()
         current = self._candidate_errors(rows, top)
-        if old_top is None or self.spec.observer == "current":
+        if self.spec.observer == "current":
             self.mse_err.copy_(current)
             return
         history = self._shift_errors(self.mse_err, old_top, top, fill=current)
         if self.spec.observer == "minmax":
-            factor = 1.0 / float(self.num_observed)  # running mean over all observations
+            # running mean over all observations; the double division then float32, as a Python float would be
+            factor = (1.0 / self.num_observed.double()).float()
         else:
             factor = float(self.spec.averaging_constant)
-        self.mse_err.copy_(history + factor * (current - history))
+        self.mse_err.copy_(torch.where(first, current, history + factor * (current - history)))
 
     @staticmethod
     def _shift_errors(err: torch.Tensor, old_top: torch.Tensor, new_top: torch.Tensor, fill) -> torch.Tensor:

@@ -47,8 +47,15 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tens
 
 def _quantizing(q: Optional[nn.Module]) -> bool:
     """True when ``q`` is a calibrated, enabled quantizer of at most 8 bits (one the export keeps)."""
-    return (q is not None and bool(getattr(q, "calibrated", 0)) and bool(getattr(q, "fake_quant_enabled", 0))
-            and getattr(q, "bits", 32) <= 8)
+    if q is None or getattr(q, "bits", 32) > 8:
+        return False
+    if hasattr(q, "is_active"):
+        return q.is_active()  # host-cached flags: no device sync per conv
+    return bool(getattr(q, "calibrated", 0)) and bool(getattr(q, "fake_quant_enabled", 0))
+
+
+def _scale(q: nn.Module) -> torch.Tensor:
+    return q.cached_scale() if hasattr(q, "cached_scale") else q.scale()
 
 
 def quantize_bias(bias: Optional[torch.Tensor], in_q: Optional[nn.Module], w_q: nn.Module) -> Optional[torch.Tensor]:
@@ -57,7 +64,7 @@ def quantize_bias(bias: Optional[torch.Tensor], in_q: Optional[nn.Module], w_q: 
     input or the weight is not quantized."""
     if bias is None or not (_quantizing(in_q) and _quantizing(w_q)):
         return bias
-    step = (in_q.scale().to(bias) * w_q.scale().to(bias)).reshape(-1)
+    step = (_scale(in_q).to(bias) * _scale(w_q).to(bias)).reshape(-1)
     return bias + (torch.round(bias / step) * step - bias).detach()
 
 

@@ -1,0 +1,117 @@
+"""Pow2FakeQuantize keeps its flags and scales on the host side between changes: a QAT training step
+reads no device value back (on a GPU each read is a stall), yet every way the buffers change —
+load_state_dict, EMA copies, deepcopy, fill_ — is seen at the next forward."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from quant.config import QuantConfig, QuantSpec
+from quant.fake_quant import Pow2FakeQuantize
+from quant.schedule import set_observers
+from tests.tiny_nets import AddConcatNet
+from utils.torch_utils import ModelEMA
+
+
+class HostReads:
+    """Counts tensor -> Python conversions (bool, float, int, item, tolist) while active."""
+
+    NAMES = ("__bool__", "__float__", "__int__", "item", "tolist")
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.count = 0
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counting(original))
+
+    def _counting(self, original):
+        def wrapper(tensor, *args, **kwargs):
+            self.count += 1
+            return original(tensor, *args, **kwargs)
+        return wrapper
+
+
+def _prepared(rounding: str = "ceil", observer: str = "ema_minmax"):
+    from quant.prepare import prepare
+
+    torch.manual_seed(0)
+    config = {"activation": {"rounding": rounding, "observer": observer},
+              "weight": {"rounding": rounding, "observer": observer}}
+    return prepare(AddConcatNet(pool=True), (torch.rand(2, 3, 16, 16),), QuantConfig.from_dict(config)).train()
+
+
+def _train_step(model, opt, x):
+    loss = model(x).square().mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+@pytest.mark.parametrize("rounding,observer", [("ceil", "ema_minmax"), ("mse", "minmax"), ("round", "current")])
+def test_training_steps_read_nothing_back(monkeypatch, rounding, observer):
+    model = _prepared(rounding, observer)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.rand(2, 3, 16, 16)
+    _train_step(model, opt, x)  # first step: flags change (calibrated 0 -> 1) and are read once
+    _train_step(model, opt, x)
+    reads = HostReads(monkeypatch)
+    for _ in range(2):
+        _train_step(model, opt, x)  # observers on: statistics and exponents update on the device
+    assert reads.count == 0
+    set_observers(model, False)
+    _train_step(model, opt, x)  # the flag changed: one read per quantizer, then none
+    reads.count = 0
+    _train_step(model, opt, x)
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert reads.count == 0
+
+
+def test_frozen_quantizer_reuses_its_scale():
+    fq = Pow2FakeQuantize(QuantSpec(bits=8), signed=True)
+    fq.train()
+    fq(torch.randn(64))
+    fq.enable_observer(False)
+    first = fq.cached_scale()
+    fq(torch.randn(64) * 100)
+    assert fq.cached_scale() is first  # exponent untouched: no recomputation
+    with torch.no_grad():
+        fq.exponent.add_(1)  # any in-place change is noticed
+    assert torch.equal(fq.cached_scale(), first * 2)
+
+
+def test_state_changes_are_seen_after_caching():
+    x = torch.randn(256)
+    calibrated = Pow2FakeQuantize(QuantSpec(bits=4), signed=True).train()
+    calibrated(x)
+    fresh = Pow2FakeQuantize(QuantSpec(bits=4), signed=True).train()
+    fresh.enable_observer(False)
+    assert torch.equal(fresh(x), x) and not fresh.is_active()  # uncalibrated: identity, cached as such
+    fresh.load_state_dict(calibrated.state_dict())
+    assert fresh.is_active()
+    assert torch.equal(fresh(x), calibrated(x))
+    fresh.enable_fake_quant(False)
+    assert torch.equal(fresh(x), x)
+    clone = copy.deepcopy(calibrated).eval()
+    assert torch.equal(clone(x), calibrated.eval()(x))
+
+
+def test_ema_copy_turns_quantizers_on():
+    model = _prepared()
+    ema = ModelEMA(model)  # copied before calibration: its quantizers are inactive
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        before = ema.ema(x)
+        model(x)  # train mode: calibrates the model's quantizers
+        ema.update(model)
+        after = ema.ema(x)
+    quantizers = [m for m in ema.ema.modules() if isinstance(m, Pow2FakeQuantize)]
+    assert quantizers and all(q.is_active() for q in quantizers)
+    assert not torch.equal(before, after)
+    trained = {n: m.exponent for n, m in model.named_modules() if isinstance(m, Pow2FakeQuantize)}
+    copied = {n: m.exponent for n, m in ema.ema.named_modules() if isinstance(m, Pow2FakeQuantize)}
+    assert trained.keys() == copied.keys()
+    assert all(torch.equal(trained[n], copied[n]) for n in trained)
