@@ -189,13 +189,22 @@ class ModelEMA:
         if esd.keys() != msd.keys() or any(v.shape != msd[k].shape for k, v in esd.items()):
             self._rebuild(model, esd)
             esd = self.ema.state_dict()
+        averaged, sources, copies, originals = [], [], [], []
         for k, v in esd.items():
             m = msd[k].detach()
             if v.dtype.is_floating_point and k not in self.copied:
-                v *= d  # two steps, not a fused add, to round exactly as upstream does
-                v += (1 - d) * m.to(device=v.device, dtype=v.dtype)
+                averaged.append(v)
+                sources.append(m if (m.device, m.dtype) == (v.device, v.dtype) else m.to(v.device, v.dtype))
             else:
-                v.copy_(m.to(v.device))
+                copies.append(v)
+                originals.append(m if m.device == v.device and m.dtype == v.dtype else m.to(v.device, v.dtype))
+        # One multi-tensor kernel per operation instead of two per entry (hundreds of launches a step on
+        # a GPU); v * d, then + (1 - d) * m as two roundings, exactly as upstream's per-entry loop rounds.
+        if averaged:
+            torch._foreach_mul_(averaged, d)
+            torch._foreach_add_(averaged, torch._foreach_mul(sources, 1 - d))
+        if copies:
+            torch._foreach_copy_(copies, originals)
 
     def _rebuild(self, model: nn.Module, old: dict) -> None:
         """Re-copy the model's structure, keeping averaged values for entries that still match."""
@@ -216,6 +225,17 @@ class ModelEMA:
             if (include and k not in include) or k.startswith("_") or k in exclude:
                 continue
             setattr(self.ema, k, v)
+
+
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+
+
+def use_channels_last(choice: str, device: torch.device) -> bool:
+    """Whether to train in channels_last: 'auto' picks it on CUDA, where cuDNN's NHWC convolutions run
+    about twice as fast under AMP; on CPU the default NCHW layout is kept."""
+    if choice not in MEMORY_FORMATS:
+        raise ValueError(f"--memory-format {choice!r}: choose one of {', '.join(MEMORY_FORMATS)}")
+    return choice == "channels_last" or (choice == "auto" and device.type == "cuda")
 
 
 def _copied_state_keys(model: nn.Module) -> frozenset:
@@ -247,7 +267,11 @@ def smart_optimizer(model: nn.Module, name: str = "SGD", lr: float = 0.01, momen
                 weights.append(p)
             else:
                 no_decay.append(p)
-    optimizer = _make_optimizer(biases, name, lr, momentum)
+    params = biases + weights + no_decay
+    # Fused kernels (one launch for all tensors, and no host read of GradScaler's inf flag) where torch
+    # has them; SGD's fused update is bit-identical to the foreach one.
+    fused = name in FUSED_OPTIMIZERS and bool(params) and all(p.device.type in ("cuda", "cpu") for p in params)
+    optimizer = _make_optimizer(biases, name, lr, momentum, fused)
     optimizer.add_param_group({"params": weights, "weight_decay": decay})
     optimizer.add_param_group({"params": no_decay, "weight_decay": 0.0})
     LOGGER.info(f"optimizer: {type(optimizer).__name__}(lr={lr}) with parameter groups "
@@ -255,13 +279,17 @@ def smart_optimizer(model: nn.Module, name: str = "SGD", lr: float = 0.01, momen
     return optimizer
 
 
-def _make_optimizer(params: list, name: str, lr: float, momentum: float) -> torch.optim.Optimizer:
+FUSED_OPTIMIZERS = ("SGD", "Adam", "AdamW")
+
+
+def _make_optimizer(params: list, name: str, lr: float, momentum: float, fused: bool) -> torch.optim.Optimizer:
+    kernel = {"fused": True} if fused else {"foreach": True}
     if name == "SGD":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, foreach=True)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, **kernel)
     if name == "Adam":
-        return torch.optim.Adam(params, lr=lr, betas=(momentum, 0.999), foreach=True)
+        return torch.optim.Adam(params, lr=lr, betas=(momentum, 0.999), **kernel)
     if name == "AdamW":
-        return torch.optim.AdamW(params, lr=lr, betas=(momentum, 0.999), weight_decay=0.0, foreach=True)
+        return torch.optim.AdamW(params, lr=lr, betas=(momentum, 0.999), weight_decay=0.0, **kernel)
     if name == "RMSProp":
         return torch.optim.RMSprop(params, lr=lr, momentum=momentum, foreach=True)
     raise ValueError(f"--optimizer {name!r}: unknown, choose SGD, Adam, AdamW or RMSProp")

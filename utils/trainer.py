@@ -35,7 +35,7 @@ from utils.dataset import create_dataloader
 from utils.log import TQDM_BAR_FORMAT, colorstr
 from utils.loss import ComputeLoss
 from utils.plots import plot_images, plot_results
-from utils.torch_utils import EarlyStopping, ModelEMA, de_parallel, torch_distributed_zero_first
+from utils.torch_utils import EarlyStopping, ModelEMA, de_parallel, torch_distributed_zero_first, use_channels_last
 from utils.train_guard import NonFiniteLossError, StepGuard, StopOnSigint
 from utils.train_setup import (build_model, fitness, freeze_layers, get_rng_state, lr_lambda, make_optimizer,
                                resume_from, scale_loss_gains, set_rng_state, strip_checkpoint, training_checkpoint)
@@ -44,6 +44,7 @@ LOGGER = logging.getLogger(__name__)
 
 MAX_GRAD_NORM = 10.0
 NONFINITE_LIMIT = 10  # consecutive skipped steps before the run is declared diverged
+PROGRESS_INTERVAL_S = 0.5  # the loss shown in the progress bar is read from the device at most this often
 
 
 def prepare_data(data: str | Path | dict) -> dict:
@@ -102,6 +103,9 @@ class Trainer:
         self.imgsz = check_img_size(opt.imgsz, self.gs, floor=self.gs * 2)
         if getattr(opt, "qat", False):
             model = self._prepare_qat(model, ckpt)
+        self.channels_last = use_channels_last(getattr(opt, "memory_format", "auto"), self.device)
+        if self.channels_last:  # parameters keep their identity: the optimizer and EMA see NHWC tensors
+            model = model.to(memory_format=torch.channels_last)
         freeze_layers(model, list(opt.freeze))
         self.optimizer, self.accumulate = make_optimizer(model, opt.optimizer, self.hyp, opt.batch_size)
         self.lf = lr_lambda(opt.cos_lr, self.hyp["lrf"], opt.epochs)
@@ -121,7 +125,14 @@ class Trainer:
                 LOGGER.warning("WARNING: --sync-bn needs CUDA; training with per-process BatchNorm on CPU")
         self._make_loaders(model)
         self.model = self._wrap_ddp(model)
+        self.train_forward = self._compiled(self.model) if getattr(opt, "compile", False) else self.model
         self._attach_attributes()
+
+    def _compiled(self, model: nn.Module) -> nn.Module:
+        """torch.compile'd forward for training steps only; EMA, checkpoints and validation keep using
+        the plain module, so nothing saved depends on the compiler."""
+        LOGGER.info(colorstr("compile: ") + "torch.compile on the training forward; the first steps compile")
+        return torch.compile(model)
 
     def _prepare_qat(self, model: nn.Module, ckpt: dict | None) -> nn.Module:
         """Swap in the fake-quantized model: rebuilt from a QAT checkpoint, or prepared from float weights.
@@ -243,9 +254,13 @@ class Trainer:
         if self.main:
             pbar = tqdm(pbar, total=self.nb, bar_format=TQDM_BAR_FORMAT)
         self.optimizer.zero_grad()
+        shown = 0.0  # when the progress bar's losses were last read from the device
         for i, (imgs, targets, paths, _) in pbar:
             ni = i + self.nb * epoch
-            imgs = imgs.to(self.device, non_blocking=True).float() / 255
+            imgs = imgs.to(self.device, non_blocking=True)
+            if self.channels_last:
+                imgs = imgs.contiguous(memory_format=torch.channels_last)  # uint8: the cheap place to permute
+            imgs = imgs.float() / 255
             self._warmup(ni, epoch)
             if self.qat_schedule is not None:
                 self._qat_step(epoch, i)
@@ -254,10 +269,13 @@ class Trainer:
             loss_items = self._step(imgs, targets, ni)
             if self.main:
                 if loss_items is not None:
-                    self.mloss = (self.mloss * i + loss_items) / (i + 1)
-                mem = f"{torch.cuda.memory_reserved() / 1e9 if torch.cuda.is_available() else 0:.3g}G"
-                pbar.set_description(("%11s" * 2 + "%11.4g" * 5) % (
-                    f"{epoch}/{self.opt.epochs - 1}", mem, *self.mloss, targets.shape[0], imgs.shape[-1]))
+                    self.mloss = (self.mloss * i + loss_items) / (i + 1)  # stays on the device
+                now = time.monotonic()
+                if now - shown >= PROGRESS_INTERVAL_S or i == self.nb - 1:  # formatting reads the GPU: not every step
+                    shown = now
+                    mem = f"{torch.cuda.memory_reserved() / 1e9 if torch.cuda.is_available() else 0:.3g}G"
+                    pbar.set_description(("%11s" * 2 + "%11.4g" * 5) % (
+                        f"{epoch}/{self.opt.epochs - 1}", mem, *self.mloss.tolist(), targets.shape[0], imgs.shape[-1]))
                 if not self.opt.noplots and ni < 3:
                     plot_images(imgs, targets, paths, self.save_dir / f"train_batch{ni}.jpg")
             if self.interrupted:
@@ -308,8 +326,8 @@ class Trainer:
     def _step(self, imgs: torch.Tensor, targets: torch.Tensor, ni: int) -> torch.Tensor | None:
         """Forward, loss, backward; optimizer + EMA step every ``accumulate`` iterations (guarded)."""
         with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-            pred = self.model(imgs)
-            loss, loss_items = self.compute_loss(pred, targets.to(self.device))
+            pred = self.train_forward(imgs)
+            loss, loss_items = self.compute_loss(pred, targets.to(self.device, non_blocking=True))
             if self.rank != -1:
                 loss *= self.world_size  # DDP averages gradients over ranks
         finite = bool(torch.isfinite(loss).all())
