@@ -72,6 +72,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-format", choices=MEMORY_FORMATS, default="auto",
                    help="model/batch layout: auto = channels_last on CUDA (about 2x faster convs), contiguous on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward (first steps compile)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="CUDA: deterministic kernels, no cuDNN autotuning (slower; bit-reproducible runs and resumes)")
     return p.parse_args(argv)
 
 
@@ -152,17 +154,11 @@ def _make_save_dir(opt: argparse.Namespace) -> Path:
     return Path(save_dir[0])
 
 
-def run(**kwargs):
-    """Train with train.py's flags as keyword arguments; returns the final (P, R, mAP50, mAP50-95, losses).
-
-    Example:
-        >>> run(data="synthetic.yaml", cfg="yolov5n.yaml", weights="", imgsz=128, epochs=1)  # doctest: +SKIP
-    """
-    from utils.torch_utils import init_seeds
+def make_opt(**kwargs) -> argparse.Namespace:
+    """train.py's options with ``kwargs`` applied, the hyp file read and checked (or, for --resume,
+    the options of the run being resumed)."""
     from utils.train_setup import check_hyp
-    from utils.trainer import Trainer
 
-    stop_after_epoch = kwargs.pop("_stop_after_epoch", None)  # test hook: simulate an interruption
     opt = parse_opt([])
     unknown = [k for k in kwargs if not hasattr(opt, k)]
     if unknown:
@@ -171,23 +167,49 @@ def run(**kwargs):
         setattr(opt, k, v)
     _refuse_unsupported(opt)
     if opt.resume:
-        opt = _resumed_opt(opt)
-    else:
-        opt.weights = _find_weights(str(opt.weights or ""))
-        opt.cfg, opt.data, opt.project = str(opt.cfg or ""), str(opt.data), str(opt.project)
-        if opt.qat and Path(str(opt.hyp)) == ROOT / "data/hyps/hyp.scratch-low.yaml":
-            opt.hyp = str(ROOT / "data/hyps/hyp.qat.yaml")  # --qat without --hyp: QAT's own defaults
-        hyp_source = opt.hyp if isinstance(opt.hyp, (str, Path)) else "hyp"
-        if isinstance(opt.hyp, (str, Path)):
-            with open(opt.hyp, encoding="utf-8") as fh:
-                opt.hyp = yaml.safe_load(fh)
-        check_hyp(opt.hyp, hyp_source)
-        opt.freeze = [int(x) for x in (opt.freeze if isinstance(opt.freeze, (list, tuple)) else [opt.freeze])]
+        return _resumed_opt(opt)
+    opt.weights = _find_weights(str(opt.weights or ""))
+    opt.cfg, opt.data, opt.project = str(opt.cfg or ""), str(opt.data), str(opt.project)
+    if opt.qat and Path(str(opt.hyp)) == ROOT / "data/hyps/hyp.scratch-low.yaml":
+        opt.hyp = str(ROOT / "data/hyps/hyp.qat.yaml")  # --qat without --hyp: QAT's own defaults
+    hyp_source = opt.hyp if isinstance(opt.hyp, (str, Path)) else "hyp"
+    if isinstance(opt.hyp, (str, Path)):
+        with open(opt.hyp, encoding="utf-8") as fh:
+            opt.hyp = yaml.safe_load(fh)
+    check_hyp(opt.hyp, hyp_source)
+    opt.freeze = [int(x) for x in (opt.freeze if isinstance(opt.freeze, (list, tuple)) else [opt.freeze])]
+    return opt
+
+
+def seed_run(opt: argparse.Namespace, device: torch.device) -> None:
+    """Seed every generator. Deterministic kernels on the CPU always (they cost nothing there); on CUDA
+    only with --deterministic, since cuDNN's autotuned kernels are much faster and change results only
+    at float-rounding level (a resumed GPU run then matches the uninterrupted one only statistically)."""
+    from utils.torch_utils import init_seeds
+
+    deterministic = bool(getattr(opt, "deterministic", False)) or device.type != "cuda"
+    init_seeds(opt.seed + 1 + int(os.getenv("RANK", -1)), deterministic=deterministic)
+    if not deterministic:  # (also undoes an earlier deterministic run in this process, e.g. a benchmark's)
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = True
+
+
+def run(**kwargs):
+    """Train with train.py's flags as keyword arguments; returns the final (P, R, mAP50, mAP50-95, losses).
+
+    Example:
+        >>> run(data="synthetic.yaml", cfg="yolov5n.yaml", weights="", imgsz=128, epochs=1)  # doctest: +SKIP
+    """
+    from utils.trainer import Trainer
+
+    stop_after_epoch = kwargs.pop("_stop_after_epoch", None)  # test hook: simulate an interruption
+    opt = make_opt(**kwargs)
     device, created = _init_distributed(opt)
     trainer = None
     try:
         opt.save_dir = str(_make_save_dir(opt))
-        init_seeds(opt.seed + 1 + int(os.getenv("RANK", -1)), deterministic=True)
+        seed_run(opt, device)
         trainer = Trainer(opt, device, Path(opt.save_dir), stop_after_epoch=stop_after_epoch)
         trainer.setup()
         results = trainer.fit()

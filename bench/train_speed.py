@@ -9,7 +9,7 @@ Four numbers, printed side by side (and written as JSON with ``--json``):
    hyp.scratch-low) iterated for ``--loader-batches`` batches after ``--warmup``, no model;
 2. float step: a DetectionModel from ``--cfg`` on a device-resident random batch: forward,
    ComputeLoss, backward, gradient clipping and an SGD step, fp16 autocast + GradScaler on CUDA
-   (as utils.trainer does for float training);
+   and the trainer's memory format (as utils.trainer does for float training);
 3. QAT step: the same network prepared with utils.qat.prepare_qat_model, same batch, bfloat16
    autocast on CUDA (as the trainer does for QAT); observers calibrate during the first half of
    the timed steps and are frozen for the second half, and each phase is reported;
@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import statistics
 import sys
 import time
@@ -288,8 +286,9 @@ def format_table(result: dict) -> str:
 
 
 def _config(opt: dict, device: torch.device) -> dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
+    from utils.torch_utils import describe_device
+
+    name = describe_device(device)
     keys = ("cfg", "act", "imgsz", "batch_size", "steps", "warmup", "workers", "loader_batches", "cache",
             "channels_last", "ema", "qat_config")
     config = {k: (str(opt[k]) if isinstance(opt[k], Path) else opt[k]) for k in keys}
@@ -318,7 +317,7 @@ def _bench_models(opt: dict, device: torch.device, nc: int, hyp: dict) -> dict[s
 
 def run(cfg: str | Path = "yolov5s.yaml", imgsz: int = 640, batch_size: Optional[int] = None, steps: int = 20,
         warmup: int = 3, workers: int = 8, device: str = "", data: Optional[str | Path] = None,
-        cache: Optional[str] = None, act: Optional[str] = None, channels_last: bool = False,
+        cache: Optional[str] = None, act: Optional[str] = None, memory_format: str = "auto",
         hyp: str | Path | dict = DEFAULT_HYP, qat_config: Optional[str | Path] = None, ema: bool = False,
         loader_batches: Optional[int] = None, no_loader: bool = False, seed: int = 0,
         json_out: Optional[str | Path] = None) -> dict:
@@ -328,11 +327,14 @@ def run(cfg: str | Path = "yolov5s.yaml", imgsz: int = 640, batch_size: Optional
     short loader runs are noisy).
     """
     from utils.data_config import check_img_size
-    from utils.torch_utils import select_device
+    from utils.torch_utils import select_device, use_channels_last
 
     if steps < 2:
         raise ValueError(f"train_speed: --steps must be >= 2 (one per QAT observer phase), got {steps}")
     dev = select_device(device)
+    channels_last = use_channels_last(memory_format, dev)  # the trainer's choice for this device
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as train.py without --deterministic
     opt = {"cfg": cfg, "act": act, "imgsz": check_img_size(imgsz, 32, floor=64), "steps": steps, "warmup": warmup,
            "batch_size": batch_size or (64 if dev.type == "cuda" else 8), "workers": workers,
            "loader_batches": loader_batches or max(steps, 30), "cache": cache, "channels_last": channels_last,
@@ -369,7 +371,8 @@ def parse_opt(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--data", type=str, default=None, help="dataset yaml (default: the synthetic shapes set)")
     p.add_argument("--hyp", type=str, default=str(DEFAULT_HYP), help="hyperparameters (augmentation, loss)")
     p.add_argument("--cache", type=str, nargs="?", const="ram", default=None, help="image cache: ram or disk")
-    p.add_argument("--channels-last", action="store_true", help="channels_last model and batch")
+    p.add_argument("--memory-format", choices=("auto", "channels_last", "contiguous"), default="auto",
+                   help="model and batch layout, as train.py's flag (auto: channels_last on CUDA)")
     p.add_argument("--ema", action="store_true", help="include the trainer's EMA update in each step")
     p.add_argument("--qat-config", type=str, default=None, help="QAT config yaml (default data/quant/default.yaml)")
     p.add_argument("--no-loader", action="store_true", help="skip the loader measurement")

@@ -227,6 +227,15 @@ class ModelEMA:
             setattr(self.ema, k, v)
 
 
+def describe_device(device: torch.device) -> str:
+    """The device in words for benchmark tables: the GPU's name, or the CPU's with its core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
+
+
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 

@@ -80,6 +80,7 @@ class Trainer:
         self.last, self.best = self.wdir / "last.pt", self.wdir / "best.pt"
         self.interrupted = False
         self.results: tuple = (0, 0, 0, 0, 0, 0, 0)
+        self.epoch_speed: list[dict] = []  # per trained epoch: images, seconds (loader waits included)
 
     # ----------------------------------------------------------------------------------- set-up
     def setup(self) -> None:
@@ -255,8 +256,10 @@ class Trainer:
             pbar = tqdm(pbar, total=self.nb, bar_format=TQDM_BAR_FORMAT)
         self.optimizer.zero_grad()
         shown = 0.0  # when the progress bar's losses were last read from the device
+        t0, images = time.perf_counter(), 0
         for i, (imgs, targets, paths, _) in pbar:
             ni = i + self.nb * epoch
+            images += imgs.shape[0]
             imgs = imgs.to(self.device, non_blocking=True)
             if self.channels_last:
                 imgs = imgs.contiguous(memory_format=torch.channels_last)  # uint8: the cheap place to permute
@@ -280,6 +283,13 @@ class Trainer:
                     plot_images(imgs, targets, paths, self.save_dir / f"train_batch{ni}.jpg")
             if self.interrupted:
                 break
+        if self.cuda:
+            torch.cuda.synchronize(self.device)  # the epoch's time includes its queued GPU work
+        seconds = time.perf_counter() - t0
+        self.epoch_speed.append({"epoch": epoch, "images": images * self.world_size, "seconds": seconds})
+        if self.main:
+            LOGGER.info(f"epoch {epoch}: {images * self.world_size} training images in {seconds:.1f}s "
+                        f"({images * self.world_size / max(seconds, 1e-9):.1f} images/s)")
         self.lr = [x["lr"] for x in self.optimizer.param_groups]
         if not self.interrupted:  # an interrupted epoch is repeated on resume, at the same LR
             self.scheduler.step()

@@ -1,0 +1,48 @@
+"""Smoke test of bench/speed.py at toy size: the three training rows and validation run through the
+real trainer and val.py, epoch 0 is left out of the figures, and the ratios follow from the rows."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.speed import ratios, run, training_speed
+
+
+def test_training_speed_skips_the_warm_up_epoch():
+    epochs = [{"epoch": 0, "images": 10, "seconds": 100.0}, {"epoch": 1, "images": 10, "seconds": 1.0},
+              {"epoch": 2, "images": 10, "seconds": 3.0}]
+    speed = training_speed(epochs)
+    assert speed["images"] == 20 and speed["seconds"] == 4.0 and speed["images_per_s"] == 5.0
+    assert training_speed(epochs[:1])["images_per_s"] == 0.1  # a single epoch is all there is
+
+
+def test_ratios():
+    rows = {"float": {"images_per_s": 300.0}, "float_upstream_settings": {"images_per_s": 150.0},
+            "qat": {"images_per_s": 250.0}}
+    r = ratios(rows, upstream=100.0)
+    assert r == {"float_over_upstream_settings": 2.0, "qat_over_float_time": 1.2, "float_over_upstream": 3.0,
+                 "qat_over_upstream": 2.5}
+    assert "float_over_upstream" not in ratios(rows, upstream=None)
+
+
+def test_run_end_to_end(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    result = run(cfg="yolov5p.yaml", imgsz=64, batch_size=8, epochs=2, images=16, val_images=4, workers=0,
+                 device="cpu", project=str(tmp_path / "runs"), json_out=str(out), upstream_images_per_s=10.0)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    rows = result["rows"]
+    assert set(rows) == {"float_upstream_settings", "float", "qat", "val"}
+    for key in ("float_upstream_settings", "float", "qat"):
+        assert [e["epoch"] for e in rows[key]["epochs"]] == [0, 1]
+        assert rows[key]["images"] == 16 and rows[key]["images_per_s"] > 0  # epoch 1 only
+    assert rows["val"]["images"] == 4 and 0 <= rows["val"]["map50_95"] <= 1
+    assert (tmp_path / "runs" / "qat" / "qat_plan.txt").is_file()  # the QAT row really trained QAT
+    assert result["ratios"]["float_over_upstream"] == pytest.approx(rows["float"]["images_per_s"] / 10.0)
+    printed = capsys.readouterr().out
+    assert "QAT / float time per image" in printed and "float / upstream" in printed
+
+
+def test_run_refuses_one_epoch(tmp_path):
+    with pytest.raises(ValueError, match="--epochs must be >= 2"):
+        run(epochs=1, project=str(tmp_path))
