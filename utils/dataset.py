@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, distributed
@@ -246,7 +247,10 @@ def aspect_ratio_order(ar: np.ndarray) -> np.ndarray:
 
 
 def seed_worker(worker_id: int) -> None:
-    """Give each DataLoader worker its own, reproducible numpy and random seeds."""
+    """Give each DataLoader worker its own, reproducible numpy and random seeds, and single-threaded
+    OpenCV: the workers are the parallelism, and each one starting a thread per core (8 workers x 16
+    threads on a GPU host) makes them fight over the cores."""
+    cv2.setNumThreads(0)
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)
