@@ -39,6 +39,18 @@ def exponent_from_bound(bound: torch.Tensor, rounding: str) -> torch.Tensor:
     return k.clamp(_EXP_MIN, _EXP_MAX).float()
 
 
+# (device type, dtype) pairs whose fake-quant kernel turned out to be missing in this torch build.
+_NO_NATIVE_KERNEL: set[tuple[str, torch.dtype]] = set()
+
+
+def _runs_natively(x: torch.Tensor) -> bool:
+    """Whether to fake-quantize an autocast (bf16/fp16) tensor in its own dtype. The result is the
+    same as going through float32: with a power-of-2 scale, x / s and q * s are exact, and every
+    8-bit grid value q * s (|q| <= 255) is representable in bf16 and fp16; it saves two casts (a
+    full read and write of the activation each, forward and backward)."""
+    return x.dtype in (torch.bfloat16, torch.float16) and (x.device.type, x.dtype) not in _NO_NATIVE_KERNEL
+
+
 class Pow2FakeQuantize(nn.Module):
     """Observer + fake quantizer whose scale is always an exact power of two.
 
@@ -211,17 +223,23 @@ class Pow2FakeQuantize(nn.Module):
         return value
 
     def _fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        # The core ops want float32; autocast tensors (bf16/fp16) go through float32 and back.
-        xf = x if x.dtype == torch.float32 else x.float()
         scale = self.cached_scale()
         zero = self._scale_cache[3]
         if scale.device != x.device:
             scale, zero = scale.to(x.device), zero.to(x.device)
-        if self.spec.per_channel:
-            out = torch.fake_quantize_per_channel_affine(xf, scale, zero, self._axis(x), self.quant_min, self.quant_max)
-        else:
-            out = torch.fake_quantize_per_tensor_affine(xf, scale, zero, self.quant_min, self.quant_max)
+        if x.dtype != torch.float32 and _runs_natively(x):
+            try:
+                return self._fake_quant_op(x, scale, zero)
+            except RuntimeError:  # this torch build has no kernel for the dtype here: use float32 from now on
+                _NO_NATIVE_KERNEL.add((x.device.type, x.dtype))
+        xf = x if x.dtype == torch.float32 else x.float()
+        out = self._fake_quant_op(xf, scale, zero)
         return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    def _fake_quant_op(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        if self.spec.per_channel:
+            return torch.fake_quantize_per_channel_affine(x, scale, zero, self._axis(x), self.quant_min, self.quant_max)
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero, self.quant_min, self.quant_max)
 
     def _axis(self, x: torch.Tensor) -> int:
         axis = self.ch_axis % x.dim() if x.dim() else 0
@@ -248,13 +266,19 @@ class Pow2FakeQuantize(nn.Module):
     def _observe(self, x: torch.Tensor) -> None:
         """Fold this batch's range into the statistics and update the exponent, all on the device
         (the first-observation test is a device boolean, not a Python branch, so nothing syncs)."""
-        rows = self._rows(x)
-        if rows.shape[1] == 0:
-            return
-        lo, hi = rows.min(dim=1).values, rows.max(dim=1).values
+        mse = self.spec.rounding == "mse"
+        if not (mse or self.spec.per_channel):  # per-tensor range: one pass in x's own dtype and layout
+            if x.numel() == 0:
+                return
+            rows = None
+            lo, hi = (v.float().reshape(1) for v in torch.aminmax(x))
+        else:
+            rows = self._rows(x)
+            if rows.shape[1] == 0:
+                return
+            lo, hi = torch.aminmax(rows, dim=1)
         lo, hi = self._merge_with_step(lo, hi)
         first = (self.calibrated == 0) | torch.isinf(self.min_val).any()  # 0-dim: replace every row
-        mse = self.spec.rounding == "mse"
         old_top = self._window_top() if mse else None
         observer = self.spec.observer
         if observer == "current":

@@ -1,0 +1,68 @@
+"""Autocast activations (bf16/fp16) are fake-quantized in their own dtype: values, gradients and observed
+ranges equal the float32 route exactly, and a build without the kernel falls back to float32 once."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import quant.fake_quant as fq_mod
+from quant.config import QuantSpec
+from quant.fake_quant import Pow2FakeQuantize
+
+
+def _quantizer(signed: bool, bits: int = 8) -> Pow2FakeQuantize:
+    q = Pow2FakeQuantize(QuantSpec(bits=bits), signed=signed).train()
+    q(torch.linspace(-3.0, 5.0, 101) if signed else torch.linspace(0.0, 5.0, 101))  # calibrate: 2^3 range
+    q.enable_observer(False)
+    return q
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("signed", [True, False])
+def test_reduced_precision_matches_float32_route(dtype, signed):
+    q = _quantizer(signed)
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 8, 16, 16, generator=gen) * 4).to(dtype)  # includes values beyond the 8.0 range
+    x = x.contiguous(memory_format=torch.channels_last)
+    a = x.clone().requires_grad_(True)
+    b = x.clone().requires_grad_(True)
+    native = q(a)
+    via_float = q._fake_quant_op(b.float(), q.scale(), torch.zeros(1, dtype=torch.int32)).to(dtype)
+    assert native.dtype == dtype and torch.equal(native, via_float)
+    g = torch.randn(x.shape, generator=gen).to(dtype)
+    native.backward(g)
+    via_float.backward(g)
+    assert torch.equal(a.grad, b.grad)  # straight-through inside the range, zero outside
+    assert (a.grad == 0).any() and (a.grad != 0).any()
+
+
+def test_observed_range_is_the_same_in_every_dtype():
+    x = torch.randn(2, 4, 8, 8) * 3
+    ranges = []
+    for dtype in (torch.float32, torch.bfloat16):
+        q = Pow2FakeQuantize(QuantSpec(bits=8), signed=True).train()
+        q(x.to(dtype).contiguous(memory_format=torch.channels_last))
+        ranges.append((q.min_val.clone(), q.max_val.clone(), q.exponent.clone()))
+    expected = x.to(torch.bfloat16).float()
+    assert torch.equal(ranges[1][0], expected.min().reshape(1)) and torch.equal(ranges[1][1], expected.max().reshape(1))
+    assert torch.equal(ranges[0][2], ranges[1][2])
+
+
+def test_missing_kernel_falls_back_to_float32_once(monkeypatch):
+    q = _quantizer(signed=True)
+    real = torch.fake_quantize_per_tensor_affine
+    calls = []
+
+    def no_bf16(x, *args):
+        calls.append(x.dtype)
+        if x.dtype == torch.bfloat16:
+            raise RuntimeError("\"fake_quantize_tensor_cachemask_kernel\" not implemented for 'BFloat16'")
+        return real(x, *args)
+
+    monkeypatch.setattr(torch, "fake_quantize_per_tensor_affine", no_bf16)
+    monkeypatch.setattr(fq_mod, "_NO_NATIVE_KERNEL", set())
+    x = torch.randn(64).to(torch.bfloat16)
+    first, second = q(x), q(x)
+    assert first.dtype == second.dtype == torch.bfloat16 and torch.equal(first, second)
+    assert calls == [torch.bfloat16, torch.float32, torch.float32]  # tried once, then remembered
+    assert fq_mod._NO_NATIVE_KERNEL == {("cpu", torch.bfloat16)}
