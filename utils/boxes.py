@@ -106,8 +106,8 @@ def scale_boxes(img1_shape: Sequence[int], boxes: Array, img0_shape: Sequence[in
     else:
         gain = ratio_pad[0][0]
         pad = ratio_pad[1]
-    boxes[..., [0, 2]] -= pad[0]
-    boxes[..., [1, 3]] -= pad[1]
+    boxes[..., 0:4:2] -= pad[0]  # x1, x2 (slices, not index lists: no index tensor copied to the GPU)
+    boxes[..., 1:4:2] -= pad[1]  # y1, y2
     boxes[..., :4] /= gain
     clip_boxes(boxes, img0_shape)
     return boxes

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from utils.boxes import scale_boxes, xywh2xyxy
 from utils.log import TQDM_BAR_FORMAT
-from utils.metrics import ConfusionMatrix, ap_per_class, match_predictions
+from utils.metrics import ConfusionMatrix, ap_per_class, match_predictions_torch
 from utils.nms import non_max_suppression
 from utils.torch_utils import time_sync
 
@@ -61,20 +61,29 @@ class EvalOptions:
     half: bool = False
 
 
+def _labels_per_image(targets: torch.Tensor, nb: int) -> tuple[torch.Tensor, ...]:
+    """Split batch targets (n, 6) [image, cls, xywh] into nb per-image (k, 5) [cls, xywh] views.
+
+    One host read per batch (the counts) instead of a boolean mask per image; the stable sort keeps
+    each image's label order, which matching ties depend on.
+    """
+    targets = targets[torch.sort(targets[:, 0], stable=True).indices]
+    counts = torch.bincount(targets[:, 0].long(), minlength=nb).tolist()
+    return targets[:, 1:].split(counts)
+
+
 def _image_stats(pred, labels, image_shape, shape0, ratio_pad, iouv, confusion):
-    """Correctness matrix and predictions of one image, in original-image pixels."""
-    npr = pred.shape[0]
-    correct = torch.zeros(npr, iouv.numel(), dtype=torch.bool)
+    """Correctness matrix (on the device) and predictions of one image, in original-image pixels."""
     predn = pred.clone()
     scale_boxes(image_shape, predn[:, :4], shape0, ratio_pad)
-    if labels.shape[0]:
-        tbox = xywh2xyxy(labels[:, 1:5])
-        scale_boxes(image_shape, tbox, shape0, ratio_pad)
-        labelsn = torch.cat((labels[:, 0:1], tbox), 1)
-        correct = torch.from_numpy(np.asarray(match_predictions(predn, labelsn, iouv)))
-        if confusion is not None:
-            confusion.process_batch(predn, labelsn)
-    return correct, predn
+    if not labels.shape[0]:
+        return torch.zeros(pred.shape[0], iouv.numel(), dtype=torch.bool, device=pred.device), predn
+    tbox = xywh2xyxy(labels[:, 1:5])
+    scale_boxes(image_shape, tbox, shape0, ratio_pad)
+    labelsn = torch.cat((labels[:, 0:1], tbox), 1)
+    if confusion is not None:
+        confusion.process_batch(predn, labelsn)
+    return match_predictions_torch(predn, labelsn, iouv), predn
 
 
 def evaluate(
@@ -117,13 +126,12 @@ def evaluate(
                                     agnostic=options.single_cls, max_det=options.max_det)
         t3 = time_sync()
         dt = [dt[0] + t1 - t0, dt[1] + t2 - t1, dt[2] + t3 - t2]
-        for si, pred in enumerate(preds):
-            labels = targets[targets[:, 0] == si, 1:]
+        for si, (pred, labels) in enumerate(zip(preds, _labels_per_image(targets, nb))):
             seen += 1
             if pred.shape[0] == 0:
                 if labels.shape[0]:
-                    stats.append((torch.zeros(0, iouv.numel(), dtype=torch.bool), torch.zeros(0),
-                                  torch.zeros(0), labels[:, 0].cpu()))
+                    stats.append((torch.zeros(0, iouv.numel(), dtype=torch.bool, device=device),
+                                  torch.zeros(0, device=device), torch.zeros(0, device=device), labels[:, 0]))
                     if confusion is not None:
                         confusion.process_batch(None, labels[:, 0])
                 continue
@@ -131,7 +139,7 @@ def evaluate(
                 pred[:, 5] = 0
             correct, predn = _image_stats(pred, labels, im[si].shape[1:], shapes[si][0], shapes[si][1],
                                           iouv, confusion)
-            stats.append((correct.cpu(), pred[:, 4].cpu(), pred[:, 5].cpu(), labels[:, 0].cpu()))
+            stats.append((correct, pred[:, 4], pred[:, 5], labels[:, 0]))  # stay on the device until the end
             if on_image is not None:
                 on_image(predn, Path(paths[si]), shapes[si][0])
         if plots and save_dir is not None and batch_i < 3:
@@ -152,6 +160,7 @@ def _summarise(stats, nc, names, plots, save_dir) -> EvalResult:
     if not stats:
         result.instances = np.zeros(nc, dtype=int)
         return result
+    # one device-to-host copy per statistic for the whole run
     tp, conf, pred_cls, target_cls = (torch.cat(x, 0).cpu().numpy() for x in zip(*stats))
     result.instances = np.bincount(target_cls.astype(int), minlength=nc)
     if tp.shape[0] and tp.any():

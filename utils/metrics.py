@@ -19,7 +19,8 @@ LOGGER = logging.getLogger(__name__)
 FITNESS_WEIGHTS = (0.0, 0.0, 0.1, 0.9)  # P, R, mAP50, mAP50-95
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2.0 only has the old name
 
-__all__ = ["fitness", "smooth", "compute_ap", "ap_per_class", "match_predictions", "ConfusionMatrix"]
+__all__ = ["fitness", "smooth", "compute_ap", "ap_per_class", "match_predictions", "match_predictions_torch",
+           "ConfusionMatrix"]
 
 
 def fitness(x: np.ndarray) -> np.ndarray:
@@ -110,41 +111,60 @@ def ap_per_class(tp: np.ndarray, conf: np.ndarray, pred_cls: np.ndarray, target_
     return tp, fp, p, r, f1, ap, unique_classes.astype(int)
 
 
-def _unique_matches(iou: torch.Tensor, hit: torch.Tensor, sort_twice: bool) -> np.ndarray:
-    """One-to-one (label, detection, iou) rows among the pairs in ``hit``, best IoU first.
+def _unique_matches(iou: torch.Tensor, hit: torch.Tensor) -> np.ndarray:
+    """One-to-one (label, detection, iou) rows among the pairs in ``hit``, best IoU first (confusion matrix).
 
-    Mirrors upstream: sort by IoU descending, keep each detection's first row, then each label's
-    first row (numpy's default sort and np.unique's first occurrence, so ties resolve identically).
-    The confusion matrix re-sorts between the two steps; validation matching does not.
+    Mirrors upstream's confusion matrix: sort by IoU descending, keep each detection's first row,
+    sort again, keep each label's first row. The sort is stable (equal IoUs: the later pair in
+    (label, detection) order first) so ties do not depend on numpy's SIMD sort of the machine.
     """
     x = torch.where(hit)
     if not x[0].shape[0]:
         return np.zeros((0, 3))
     matches = torch.cat((torch.stack(x, 1), iou[x[0], x[1]][:, None]), 1).cpu().numpy()
     if x[0].shape[0] > 1:
-        matches = matches[matches[:, 2].argsort()[::-1]]
+        matches = matches[matches[:, 2].argsort(kind="stable")[::-1]]
         matches = matches[np.unique(matches[:, 1], return_index=True)[1]]
-        if sort_twice:
-            matches = matches[matches[:, 2].argsort()[::-1]]
+        matches = matches[matches[:, 2].argsort(kind="stable")[::-1]]
         matches = matches[np.unique(matches[:, 0], return_index=True)[1]]
     return matches
 
 
-def match_predictions(detections: torch.Tensor, labels: torch.Tensor, iouv: torch.Tensor) -> np.ndarray:
-    """Correctness (N, T) of detections (N, 6) [xyxy, conf, cls] against labels (M, 5) [cls, xyxy].
+def match_predictions_torch(detections: torch.Tensor, labels: torch.Tensor, iouv: torch.Tensor) -> torch.Tensor:
+    """Correctness (N, T) bool of detections (N, 6) [xyxy, conf, cls] against labels (M, 5) [cls, xyxy].
 
-    For each IoU threshold in ``iouv`` a detection is correct when it is matched one-to-one (greedy
-    by IoU) with a label of the same class at IoU >= threshold. This is val.py's process_batch.
+    For each IoU threshold in ``iouv`` a detection is correct when it is matched one-to-one with a
+    label of the same class at IoU >= threshold, as val.py's process_batch matches them greedily:
+    pairs sorted by IoU descending, each detection keeps its best label, then each label keeps the
+    lowest-index detection that chose it. Equal IoUs resolve as a stable sort reversed would: the
+    detection keeps the highest-index label. Runs on the inputs' device without host reads.
+
+    >>> lab = torch.tensor([[0., 0, 0, 10, 10]])
+    >>> match_predictions_torch(torch.tensor([[0., 0, 10, 10, .9, 0]]), lab, torch.tensor([.5, .95]))
+    tensor([[True, True]])
     """
-    correct = np.zeros((detections.shape[0], iouv.shape[0]), dtype=bool)
-    if not detections.shape[0] or not labels.shape[0]:
-        return correct
-    iou = box_iou(labels[:, 1:], detections[:, :4])
-    same_class = labels[:, 0:1] == detections[:, 5]
-    for t in range(len(iouv)):
-        matches = _unique_matches(iou, (iou >= iouv[t]) & same_class, sort_twice=False)
-        correct[matches[:, 1].astype(int), t] = True
-    return correct
+    n, device = detections.shape[0], detections.device
+    if not n or not labels.shape[0]:
+        return torch.zeros((n, iouv.shape[0]), dtype=torch.bool, device=device)
+    iou = box_iou(labels[:, 1:], detections[:, :4])  # (M, N)
+    usable = (labels[:, 0:1] == detections[:, 5]) & ~iou.isnan()
+    score = iou.masked_fill(~usable, float("-inf"))
+    best = score.amax(0)  # a detection's hits at any threshold always include its best label
+    rows = torch.arange(iou.shape[0], device=device)[:, None]
+    label = torch.where(score == best, rows, -1).amax(0)  # (N,) highest-index label among equal IoUs
+    # iouv cast to the IoU dtype: the comparison upstream makes with a 0-dim threshold tensor
+    hit = best[:, None] >= iouv.to(best.dtype)[None]  # (N, T)
+    index = torch.arange(n, device=device)[:, None]
+    competing = torch.where(hit, index, n)  # a detection's own index where it has a hit, else n
+    label_t = label[:, None].expand_as(hit)
+    first = torch.full((iou.shape[0], hit.shape[1]), n, dtype=torch.long, device=device)
+    first.scatter_reduce_(0, label_t, competing, reduce="amin")  # lowest detection per (label, threshold)
+    return hit & (first.gather(0, label_t) == index)
+
+
+def match_predictions(detections: torch.Tensor, labels: torch.Tensor, iouv: torch.Tensor) -> np.ndarray:
+    """Host (numpy) copy of :func:`match_predictions_torch`: correctness (N, T) of N detections."""
+    return match_predictions_torch(detections, labels, iouv).cpu().numpy()
 
 
 class ConfusionMatrix:
@@ -175,7 +195,7 @@ class ConfusionMatrix:
         gt_classes = labels[:, 0].int().tolist()
         det_classes = detections[:, 5].int().tolist()
         iou = box_iou(labels[:, 1:], detections[:, :4])
-        matches = _unique_matches(iou, iou > self.iou_thres, sort_twice=True)
+        matches = _unique_matches(iou, iou > self.iou_thres)
         m0, m1 = matches[:, 0].astype(int), matches[:, 1].astype(int)
         for i, gc in enumerate(gt_classes):
             j = m0 == i

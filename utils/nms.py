@@ -145,31 +145,56 @@ def _check_thresholds(conf_thres: float, iou_thres: float) -> None:
         raise ValueError(f"iou_thres={iou_thres} is invalid: it must lie in [0, 1]")
 
 
-def _append_labels(x: torch.Tensor, lb: torch.Tensor, nc: int, nm: int) -> torch.Tensor:
-    """Add apriori labels (n, 5) [cls, xywh] as certain predictions (autolabelling)."""
-    v = torch.zeros((len(lb), 5 + nc + nm), device=x.device, dtype=x.dtype)
+def _label_rows(lb: torch.Tensor, nc: int, nm: int, like: torch.Tensor) -> torch.Tensor:
+    """Apriori labels (n, 5) [cls, xywh] as certain prediction rows (n, 5+nc+nm) (autolabelling)."""
+    v = torch.zeros((len(lb), 5 + nc + nm), device=like.device, dtype=like.dtype)
     v[:, :4] = lb[:, 1:5]
     v[:, 4] = 1.0
     v[torch.arange(len(lb)), lb[:, 0].long() + 5] = 1.0
-    return torch.cat((x, v), 0)
+    return v
 
 
-def _candidates(x: torch.Tensor, nc: int, conf_thres: float, multi_label: bool,
-                classes: Optional[Sequence[int]]) -> torch.Tensor:
-    """Rows of one image (n, 5+nc+nm) -> candidate detections (k, 6+nm) [xyxy, conf, cls, masks]."""
+def _gather_rows(prediction: torch.Tensor, conf_thres: float, labels, nc: int,
+                 nm: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows with obj > conf_thres of every image (k, 5+nc+nm) and their image indices (k,).
+
+    Done for the whole batch at once (one host read instead of one per image). Rows stay grouped
+    by image in anchor order, each image's apriori ``labels`` after its own rows, as a per-image
+    loop would build them.
+    """
+    image, anchor = (prediction[..., 4] > conf_thres).nonzero(as_tuple=True)
+    rows = prediction[image, anchor]
+    extra = [(i, lb) for i, lb in enumerate(labels or ()) if len(lb)]
+    if extra:
+        rows = torch.cat((rows, *(_label_rows(lb, nc, nm, rows) for _, lb in extra)), 0)
+        image = torch.cat((image, *(torch.full((len(lb),), i, device=image.device) for i, lb in extra)), 0)
+        order = torch.sort(image, stable=True).indices
+        rows, image = rows[order], image[order]
+    return rows, image
+
+
+def _candidates(x: torch.Tensor, image: torch.Tensor, nc: int, conf_thres: float, multi_label: bool,
+                classes: Optional[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (n, 5+nc+nm) -> candidate detections (k, 6+nm) [xyxy, conf, cls, masks] and their images (k,).
+
+    Row-wise only, so running it on the whole batch gives each image exactly the candidates, in
+    the same order, that running it per image would.
+    """
     mi = 5 + nc  # first mask column
     x[:, 5:] *= x[:, 4:5]  # conf = obj * cls (mask columns are scaled too, as upstream; unused after)
     box = xywh2xyxy(x[:, :4])
     mask = x[:, mi:]
     if multi_label:
         i, j = (x[:, 5:mi] > conf_thres).nonzero(as_tuple=False).T
-        x = torch.cat((box[i], x[i, 5 + j, None], j[:, None].float(), mask[i]), 1)
+        x, image = torch.cat((box[i], x[i, 5 + j, None], j[:, None].float(), mask[i]), 1), image[i]
     else:
         conf, j = x[:, 5:mi].max(1, keepdim=True)
-        x = torch.cat((box, conf, j.float(), mask), 1)[conf.view(-1) > conf_thres]
+        keep = conf.view(-1) > conf_thres
+        x, image = torch.cat((box, conf, j.float(), mask), 1)[keep], image[keep]
     if classes is not None:
-        x = x[(x[:, 5:6] == torch.tensor(classes, device=x.device)).any(1)]
-    return x
+        keep = (x[:, 5:6] == torch.tensor(classes, device=x.device)).any(1)
+        x, image = x[keep], image[keep]
+    return x, image
 
 
 def non_max_suppression(prediction, conf_thres: float = 0.25, iou_thres: float = 0.45,
@@ -194,16 +219,11 @@ def non_max_suppression(prediction, conf_thres: float = 0.25, iou_thres: float =
         prediction = prediction.cpu()
     bs = prediction.shape[0]
     nc = prediction.shape[2] - nm - 5
-    multi_label = multi_label and nc > 1
-    xc = prediction[..., 4] > conf_thres
+    rows, image = _gather_rows(prediction, conf_thres, labels, nc, nm)
+    dets, image = _candidates(rows, image, nc, conf_thres, multi_label and nc > 1, classes)
     output = [torch.zeros((0, 6 + nm), device=device)] * bs
-    for xi, x in enumerate(prediction):
-        x = x[xc[xi]]
-        if labels and len(labels[xi]):
-            x = _append_labels(x, labels[xi], nc, nm)
-        if not x.shape[0]:
-            continue
-        x = _candidates(x, nc, conf_thres, multi_label, classes)
+    counts = torch.bincount(image, minlength=bs).tolist()  # one host read for the whole batch
+    for xi, x in enumerate(dets.split(counts)):  # NMS itself stays per image: batched it costs n^2 memory
         if not x.shape[0]:
             continue
         x = x[x[:, 4].argsort(descending=True)[:MAX_NMS]]
