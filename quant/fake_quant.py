@@ -51,6 +51,24 @@ def _runs_natively(x: torch.Tensor) -> bool:
     return x.dtype in (torch.bfloat16, torch.float16) and (x.device.type, x.dtype) not in _NO_NATIVE_KERNEL
 
 
+class _PerTensorFakeQuantCPU(torch.autograd.Function):
+    """torch.fake_quantize_per_tensor_affine (zero point 0) from vectorised elementwise ops: the same
+    values, NaN mapping and straight-through mask, about twice as fast as the builtin CPU kernel,
+    which quantizes one element at a time. CUDA keeps the builtin fused kernel."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+        q = torch.round(x * scale.reciprocal())  # exact: the scale is a power of two
+        inside = (q >= qmin) & (q <= qmax)
+        ctx.save_for_backward(inside)
+        return q.nan_to_num_(nan=qmin).clamp_(qmin, qmax).mul_(scale)  # NaN -> qmin, as the builtin
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None
+
+
 class Pow2FakeQuantize(nn.Module):
     """Observer + fake quantizer whose scale is always an exact power of two.
 
@@ -239,6 +257,8 @@ class Pow2FakeQuantize(nn.Module):
     def _fake_quant_op(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         if self.spec.per_channel:
             return torch.fake_quantize_per_channel_affine(x, scale, zero, self._axis(x), self.quant_min, self.quant_max)
+        if x.device.type == "cpu" and x.dtype == torch.float32:
+            return _PerTensorFakeQuantCPU.apply(x, scale, self.quant_min, self.quant_max)
         return torch.fake_quantize_per_tensor_affine(x, scale, zero, self.quant_min, self.quant_max)
 
     def _axis(self, x: torch.Tensor) -> int:

@@ -64,5 +64,22 @@ def test_missing_kernel_falls_back_to_float32_once(monkeypatch):
     x = torch.randn(64).to(torch.bfloat16)
     first, second = q(x), q(x)
     assert first.dtype == second.dtype == torch.bfloat16 and torch.equal(first, second)
-    assert calls == [torch.bfloat16, torch.float32, torch.float32]  # tried once, then remembered
+    assert calls == [torch.bfloat16]  # tried once, then remembered (float32 on a CPU: our own kernel)
     assert fq_mod._NO_NATIVE_KERNEL == {("cpu", torch.bfloat16)}
+
+
+@pytest.mark.parametrize("qmin,qmax,k", [(-128, 127, -5), (0, 255, -6), (-8, 7, -1)])
+def test_cpu_per_tensor_kernel_equals_the_builtin(qmin, qmax, k):
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(4, 8, 17, 19, generator=gen) * 5
+    # NaN, infinities and exact .5 ties (3.984375 / 2^-5 = 127.5 rounds to even, out of range)
+    x[0, 0, 0, :5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.984375, -0.5 * 2.0 ** k])
+    scale = torch.tensor([2.0 ** k])
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    builtin = torch.fake_quantize_per_tensor_affine(a, scale, torch.zeros(1, dtype=torch.int32), qmin, qmax)
+    ours = fq_mod._PerTensorFakeQuantCPU.apply(b, scale, qmin, qmax)
+    assert torch.equal(builtin, ours)
+    g = torch.randn(x.shape, generator=gen)
+    builtin.backward(g)
+    ours.backward(g)
+    assert torch.equal(a.grad, b.grad)
