@@ -38,13 +38,13 @@ def augment_hsv(
         return
     np_rng = np.random if np_rng is None else np_rng
     gains = np_rng.uniform(-1, 1, 3) * [hgain, sgain, vgain] + 1
-    hsv = cv2.cvtColor(im, cv2.COLOR_BGR2HSV)
+    hue, sat, val = cv2.split(cv2.cvtColor(im, cv2.COLOR_BGR2HSV))
     x = np.arange(0, 256, dtype=gains.dtype)
-    lut = np.empty((256, 1, 3), dtype=im.dtype)  # one table per channel: a single LUT pass, no split/merge
-    lut[:, 0, 0] = (x * gains[0]) % 180
-    lut[:, 0, 1] = np.clip(x * gains[1], 0, 255)
-    lut[:, 0, 2] = np.clip(x * gains[2], 0, 255)
-    cv2.cvtColor(cv2.LUT(hsv, lut, dst=hsv), cv2.COLOR_HSV2BGR, dst=im)
+    lut_hue = ((x * gains[0]) % 180).astype(im.dtype)
+    lut_sat = np.clip(x * gains[1], 0, 255).astype(im.dtype)
+    lut_val = np.clip(x * gains[2], 0, 255).astype(im.dtype)
+    im_hsv = cv2.merge((cv2.LUT(hue, lut_hue), cv2.LUT(sat, lut_sat), cv2.LUT(val, lut_val)))
+    cv2.cvtColor(im_hsv, cv2.COLOR_HSV2BGR, dst=im)
 
 
 def box_candidates(
