@@ -41,15 +41,15 @@ LOGGER = logging.getLogger("bench.speed")
 
 def training_speed(epoch_speed: list[dict]) -> dict[str, Any]:
     """images/s of the warm epochs (all but the first when there are several) from Trainer.epoch_speed:
-    end to end, and steady (after each epoch's first batch, i.e. without the loader's pipeline fill,
-    which a short benchmark epoch pays far more often than a COCO epoch of 1,800 steps does)."""
+    end to end, and steady (time counted from each epoch's first batch on, i.e. without the wait for
+    the loader's pipeline to fill, which a short benchmark epoch pays far more often than a COCO epoch
+    of 1,800 steps does)."""
     warm = epoch_speed[1:] if len(epoch_speed) > 1 else epoch_speed
     images, seconds = sum(e["images"] for e in warm), sum(e["seconds"] for e in warm)
-    steady_images = images - sum(e.get("first_batch_images", 0) for e in warm)
     steady_seconds = seconds - sum(e.get("first_batch_s", 0.0) for e in warm)
     return {"images_per_s": images / seconds if seconds > 0 else float("nan"), "images": images,
             "seconds": seconds,
-            "steady_images_per_s": steady_images / steady_seconds if steady_seconds > 0 else float("nan"),
+            "steady_images_per_s": images / steady_seconds if steady_seconds > 0 else float("nan"),
             "epochs": [dict(e) for e in epoch_speed]}
 
 
@@ -108,7 +108,8 @@ def format_table(result: dict) -> str:
     for key, row in result["rows"].items():
         steady = f"{row['steady_images_per_s']:>17.1f}" if "steady_images_per_s" in row else f"{'':>17}"
         lines.append(f"{key:<26}{row['images']:>8}{row['seconds']:>9.2f}{row['images_per_s']:>10.1f}{steady}")
-    lines.append("(ratios from steady images/s: each epoch's first batch, the loader's pipeline fill, left out)")
+    lines.append("(ratios from steady images/s: the wait for each epoch's first batch, the loader's pipeline fill, "
+                 "left out)")
     r = result["ratios"]
     lines.append(f"float (defaults) / float (upstream settings): x{r['float_over_upstream_settings']:.2f}")
     lines.append(f"QAT / float time per image: x{r['qat_over_float_time']:.2f} (goal <= 1.30 on a GPU)")

@@ -256,11 +256,11 @@ class Trainer:
             pbar = tqdm(pbar, total=self.nb, bar_format=TQDM_BAR_FORMAT)
         self.optimizer.zero_grad()
         shown = 0.0  # when the progress bar's losses were last read from the device
-        t0, images, first = time.perf_counter(), 0, None
+        t0, images, first_batch_s = time.perf_counter(), 0, None
         for i, (imgs, targets, paths, _) in pbar:
             ni = i + self.nb * epoch
-            if first is None:  # the loader's pipeline fills at each epoch start: time it apart
-                first = (time.perf_counter() - t0, imgs.shape[0])
+            if first_batch_s is None:  # the loader's pipeline fills at each epoch start: time it apart
+                first_batch_s = time.perf_counter() - t0
             images += imgs.shape[0]
             imgs = imgs.to(self.device, non_blocking=True)
             if self.channels_last:
@@ -288,9 +288,8 @@ class Trainer:
         if self.cuda:
             torch.cuda.synchronize(self.device)  # the epoch's time includes its queued GPU work
         seconds = time.perf_counter() - t0
-        first_s, first_images = first or (0.0, 0)
         self.epoch_speed.append({"epoch": epoch, "images": images * self.world_size, "seconds": seconds,
-                                 "first_batch_s": first_s, "first_batch_images": first_images * self.world_size})
+                                 "first_batch_s": first_batch_s or 0.0})
         if self.main:
             LOGGER.info(f"epoch {epoch}: {images * self.world_size} training images in {seconds:.1f}s "
                         f"({images * self.world_size / max(seconds, 1e-9):.1f} images/s)")
