@@ -115,3 +115,22 @@ def test_compile_wraps_only_the_training_forward(tmp_path, data_yaml, monkeypatc
     assert wrappers[0].calls == 2  # 8 images at batch 4: every training step went through it
     # checkpoints hold the plain module's keys, loadable without the compiler
     assert _weights(tmp_path / "c").keys() == DetectionModel("yolov5p.yaml", nc=6).state_dict().keys()
+
+
+def test_cuda_runs_autotune_unless_deterministic(monkeypatch):
+    from argparse import Namespace
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        train.seed_run(Namespace(seed=0, deterministic=True), torch.device("cuda", 0))
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.benchmark
+        train.seed_run(Namespace(seed=0, deterministic=False), torch.device("cuda", 0))  # undoes the above
+        assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+        assert torch.backends.cudnn.benchmark
+        train.seed_run(Namespace(seed=0), torch.device("cpu"))  # CPU: always deterministic (free there)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=True)
