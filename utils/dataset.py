@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, distributed
+from torch.utils.data import DataLoader, Dataset, default_collate, distributed
 
 from utils.boxes import xywhn2xyxy, xyxy2xywhn
 from utils.images import letterbox, read_image, resize_longest
@@ -233,7 +233,9 @@ class LoadImagesAndLabels(Dataset):
         im, label, path, shapes = zip(*batch)
         for i, lb in enumerate(label):
             lb[:, 0] = i
-        return torch.stack(im, 0), torch.cat(label, 0), path, shapes
+        # default_collate stacks straight into shared memory inside a worker, so the batch is not
+        # copied once more on its way to the main process (torch.stack alone costs that extra copy)
+        return default_collate(list(im)), torch.cat(label, 0), path, shapes
 
 
 def aspect_ratio_order(ar: np.ndarray) -> np.ndarray:
