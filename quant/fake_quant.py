@@ -162,6 +162,11 @@ class Pow2FakeQuantize(nn.Module):
         self._step_stats = None
         self._aggregate = True
 
+    def forget_cached_scale(self) -> None:
+        """Recompute the scale at the next forward. Needed where something rewrites ``exponent``
+        without bumping its version counter: DDP's buffer broadcast from rank 0 and collectives."""
+        self._scale_cache = None
+
     def enable_observer(self, on: bool = True) -> None:
         """Start/stop observing; a fixed-range quantizer keeps its observer off."""
         if on and self.fixed:
@@ -204,7 +209,7 @@ class Pow2FakeQuantize(nn.Module):
             dist.all_reduce(votes, op=dist.ReduceOp.SUM)
             self.mse_err.copy_(shifted / votes.clamp_min(1.0))
         self._host_flags.clear()
-        self._scale_cache = None
+        self.forget_cached_scale()
         if self._flag("calibrated"):
             self._update_exponent()
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 from torch import nn
 
@@ -489,10 +490,17 @@ def link_input_quantizers(gm: fx.GraphModule) -> None:
 def begin_observation_step(module: nn.Module, _args) -> None:
     """Forward pre-hook of a prepared model: each forward is one observation step for every
     quantizer (shared quantizers merge the ranges of all their tensors before averaging).
-    A module-level function, not a closure, so deep copies (EMA) hook their own quantizers."""
+    A module-level function, not a closure, so deep copies (EMA) hook their own quantizers.
+
+    Under DDP the hook runs after DDP copied rank 0's buffers into this rank's model, which does
+    not bump version counters, so cached scales are dropped there (flags change the same way on
+    every rank, so their host copies stay true)."""
+    broadcast = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     for m in module.modules():
         if isinstance(m, Pow2FakeQuantize):
             m.begin_step()
+            if broadcast:
+                m.forget_cached_scale()
 
 
 @torch.no_grad()

@@ -115,3 +115,50 @@ def test_ema_copy_turns_quantizers_on():
     copied = {n: m.exponent for n, m in ema.ema.named_modules() if isinstance(m, Pow2FakeQuantize)}
     assert trained.keys() == copied.keys()
     assert all(torch.equal(trained[n], copied[n]) for n in trained)
+
+
+class _QuantizedLinear(torch.nn.Module):
+    """A parameter (DDP needs one) feeding a frozen activation quantizer, hooked as prepare() hooks."""
+
+    def __init__(self):
+        super().__init__()
+        from quant.prepare import begin_observation_step
+
+        self.linear = torch.nn.Linear(4, 4)
+        self.fq = Pow2FakeQuantize(QuantSpec(bits=8), signed=True)
+        self.register_forward_pre_hook(begin_observation_step)
+
+    def forward(self, x):
+        return self.fq(self.linear(x))
+
+
+def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = _QuantizedLinear().train()
+        model.fq(torch.randn(64) * (1 + 100 * rank))  # ranks calibrate to different exponents
+        model.fq.enable_observer(False)
+        x = torch.randn(8, 4)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        model(x)  # the scale is cached on every rank
+        if rank == 0:
+            with torch.no_grad():
+                model.fq.exponent.add_(3)  # rank 0 moves on; DDP copies it over before the next forward
+        out = ddp(x)
+        torch.save({"exponent": model.fq.exponent.clone(), "out": out.detach()}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_broadcast_exponent_is_used(tmp_path):
+    """DDP copies rank 0's exponent into the other ranks without bumping the version counter; the
+    pre-hook drops the cached scale so every rank quantizes with the broadcast exponent."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert torch.equal(r0["exponent"], r1["exponent"])
+    assert torch.equal(r0["out"], r1["out"])
