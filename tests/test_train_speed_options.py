@@ -134,3 +134,8 @@ def test_cuda_runs_autotune_unless_deterministic(monkeypatch):
         assert torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(before, warn_only=True)
+
+
+def test_compile_is_refused_for_qat(tmp_path, data_yaml):
+    with pytest.raises(ValueError, match="--compile is not supported with --qat"):
+        train.run(**BASE, data=str(data_yaml), project=str(tmp_path), name="q", compile=True, qat=True)
