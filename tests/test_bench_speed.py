@@ -50,3 +50,15 @@ def test_run_end_to_end(tmp_path, capsys):
 def test_run_refuses_one_epoch(tmp_path):
     with pytest.raises(ValueError, match="--epochs must be >= 2"):
         run(epochs=1, project=str(tmp_path))
+
+
+def test_loader_cost_runs_like_a_worker(tmp_path):
+    import torch.utils.data._utils.worker as worker_state
+
+    from bench.loader_cost import run as loader_cost
+    from utils.synthetic import make_synthetic_dataset
+
+    make_synthetic_dataset(tmp_path / "syn", n_train=8, n_val=1, img_size=64)
+    result = loader_cost(str(tmp_path / "syn" / "images" / "train"), imgsz=64, batch_size=4, batches=3)
+    assert result["samples"] == 12 and result["ms_per_sample"] > 0
+    assert worker_state._worker_info is None  # the fake worker context is gone afterwards

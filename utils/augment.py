@@ -206,12 +206,14 @@ def random_flip(
     on the probabilities.
     """
     rng = random if rng is None else rng
+    # cv2.flip returns a contiguous copy at memcpy speed; a numpy flipped view would make every later
+    # copy of the image walk backwards over 3-byte pixels (about 40x slower for a 640x640 image)
     if rng.random() < flipud:
-        im = np.flipud(im)
+        im = cv2.flip(im, 0)
         if len(labels):
             labels[:, 2] = 1 - labels[:, 2]
     if rng.random() < fliplr:
-        im = np.fliplr(im)
+        im = cv2.flip(im, 1)
         if len(labels):
             labels[:, 1] = 1 - labels[:, 1]
     return im, labels

@@ -263,8 +263,9 @@ class Trainer:
                 first_batch_s = time.perf_counter() - t0
             images += imgs.shape[0]
             imgs = imgs.to(self.device, non_blocking=True)
-            if self.channels_last:
-                imgs = imgs.contiguous(memory_format=torch.channels_last)  # uint8: the cheap place to permute
+            # the loader's batches are channels_last already; an NCHW model gets NCHW (uint8: the cheap
+            # place to permute), so the float path computes exactly as before
+            imgs = imgs.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
             imgs = imgs.float() / 255
             self._warmup(ni, epoch)
             if self.qat_schedule is not None:
