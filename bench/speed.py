@@ -150,7 +150,8 @@ def run(cfg: str = "yolov5s.yaml", imgsz: int = 640, batch_size: Optional[int] =
     rows["qat"], _ = train_once("qat", work, **qat)
     rows["val"] = val_speed(weights / "last.pt", data, imgsz, val_batch_size, device, workers, work)
     result = {"config": {"cfg": cfg, "imgsz": imgsz, "batch_size": batch_size, "workers": workers, "cache": cache,
-                         "epochs": epochs, "images": images, "act": act, "device": str(dev), "device_name": describe_device(dev),
+                         "epochs": epochs, "images": images, "act": act, "device": str(dev),
+                         "device_name": describe_device(dev),
                          "torch": torch.__version__, "data": data},
               "rows": rows, "ratios": ratios(rows, upstream_images_per_s)}
     print(format_table(result))
