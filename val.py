@@ -89,7 +89,7 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
         task="val", device="", workers=8, single_cls=False, augment=False, verbose=False, save_txt=False,
         save_conf=False, save_json=False, project=ROOT / "runs/val", name="exp", exist_ok=False,
         half=True, model=None, dataloader=None, save_dir=Path(""), plots=True, compute_loss=None,
-        qat_report=False, ptq=False, calib_images=512, qat_config=None):
+        qat_report=False, ptq=False, calib_images=512, qat_config=None, memory_format="auto"):
     """Validate and return ((P, R, mAP50, mAP50-95, *mean losses), per-class mAPs, speeds in ms).
 
     Called with `weights` from the command line, or in-process by training with `model` and
@@ -97,6 +97,7 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
     `weights` may be an official or own .pt (float or QAT) or an exported .onnx file. `ptq` prepares
     a float model with `qat_config` and calibrates it on `calib_images` training images (the PTQ
     baseline); `qat_report` prints every quantizer's type, scale, range and clipping.
+    `memory_format` (a loaded PyTorch model): 'auto' runs channels_last on CUDA, as training does.
     """
     from utils.data_config import check_img_size, load_data_config
 
@@ -107,7 +108,7 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
         data = load_data_config(data) if not isinstance(data, dict) or "nc" not in data else data
     else:
         from utils.paths import increment_path
-        from utils.torch_utils import select_device
+        from utils.torch_utils import select_device, use_channels_last
 
         device = select_device(device, batch_size=batch_size)
         save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
@@ -115,6 +116,8 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
         data = load_data_config(data)
         model, rect, imgsz = _load_for_val(weights, device, imgsz, data, ptq, calib_images, qat_config, workers)
         half &= device.type != "cpu" and not _is_quantized(model)
+        if isinstance(model, torch.nn.Module) and use_channels_last(memory_format, device):
+            model = model.to(memory_format=torch.channels_last)  # cuDNN's NHWC kernels are the fast ones
         stride = max(int(model.stride.max()), 32)
         imgsz = check_img_size(imgsz, stride)
     model = model.half() if half else model.float()
@@ -246,6 +249,8 @@ def parse_opt(argv=None):
     parser.add_argument("--ptq", action="store_true", help="post-training quantization baseline of a float model")
     parser.add_argument("--calib-images", type=int, default=512, help="--ptq: number of calibration images")
     parser.add_argument("--qat-config", type=str, default=None, help="--ptq: quant config yaml (default data/quant/default.yaml)")
+    parser.add_argument("--memory-format", choices=("auto", "channels_last", "contiguous"), default="auto",
+                        help="PyTorch models: auto = channels_last on CUDA, contiguous on CPU")
     return parser.parse_args(argv)
 
 

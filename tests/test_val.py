@@ -130,3 +130,13 @@ def test_broken_torchvision_gives_same_results(tmp_path, shared_dir, coco128_yam
     assert broken.returncode == 0, broken.stderr[-2000:]
     line = [x for x in broken.stdout.splitlines() if x.startswith("RESULT")]
     assert line and line == [x for x in plain.stdout.splitlines() if x.startswith("RESULT")]
+
+
+def test_channels_last_validates_to_the_same_map(tmp_path, shared_dir, coco128_yaml):
+    """--memory-format channels_last (auto picks it on CUDA) changes only float rounding, not the scores."""
+    kw = dict(data=str(coco128_yaml), weights=str(shared_dir / "weights" / "yolov5n.pt"), imgsz=160,
+              batch_size=64, plots=False, workers=0, device="cpu", project=str(tmp_path))
+    nchw = val.run(**kw, memory_format="contiguous")[0][:4]
+    nhwc = val.run(**kw, memory_format="channels_last")[0][:4]
+    assert nchw[3] > 0.05 and nchw != nhwc  # different kernels really ran
+    assert all(abs(a - b) < 2e-3 for a, b in zip(nchw, nhwc)), (nchw, nhwc)
