@@ -144,15 +144,19 @@ class Pow2FakeQuantize(nn.Module):
 
         Frozen observers leave the exponent untouched, so a frozen QAT step computes no scales.
         """
+        return self._qparams()[0]
+
+    def _qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, int32 zero point) for the fake-quant ops, cached per exponent tensor and version."""
         exp = self.exponent
         hit = self._scale_cache
         if (hit is not None and hit[0] is exp and hit[1] == exp._version
                 and (torch.is_inference_mode_enabled() or not hit[2].is_inference())):
-            return hit[2]
+            return hit[2], hit[3]
         scale = self.scale()
         zero = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
         self._scale_cache = (exp, exp._version, scale, zero)
-        return scale
+        return scale, zero
 
     def begin_step(self) -> None:
         """Start a new forward pass: until the next call, every observation this quantizer makes is
@@ -246,8 +250,7 @@ class Pow2FakeQuantize(nn.Module):
         return value
 
     def _fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.cached_scale()
-        zero = self._scale_cache[3]
+        scale, zero = self._qparams()
         if scale.device != x.device:
             scale, zero = scale.to(x.device), zero.to(x.device)
         if x.dtype != torch.float32 and _runs_natively(x):
