@@ -5,21 +5,22 @@
 #   2. bench.train_speed: the model step alone (float and QAT, observers on and frozen) on
 #      GPU-resident batches, the loader alone, and their ratios.
 # Usage: bash bench/gpu_speed.sh [out_dir] [upstream train.py images/s on this machine, for the ratio]
-# DEVICE, CFG, IMGSZ, BATCH, IMAGES, WORKERS override the settings (e.g. a CPU smoke run).
-# Needs torch with CUDA, numpy, opencv-python-headless, PyYAML, tqdm, scipy, matplotlib; on a machine
-# without internet, carry the missing ones as wheels (README, "Speed").
+# DEVICE, CFG, IMGSZ, BATCH, IMAGES, WORKERS override the settings (e.g. a CPU smoke run); PYTHON the
+# interpreter (default python3).
+# Needs torch with CUDA, numpy, opencv-python-headless, PyYAML, tqdm, scipy, matplotlib (the lent GPU
+# machines' image has them all); elsewhere without internet, carry missing ones as wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-runs/bench_gpu}"
 upstream="${2:-}"
 device="${DEVICE:-0}" cfg="${CFG:-yolov5s.yaml}" imgsz="${IMGSZ:-640}" batch="${BATCH:-64}"
-images="${IMAGES:-2048}" workers="${WORKERS:-8}"
+images="${IMAGES:-2048}" workers="${WORKERS:-8}" py="${PYTHON:-python3}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 extra=()
 if [ -n "$upstream" ]; then extra=(--upstream-images-per-s "$upstream"); fi
-python -m bench.speed --cfg "$cfg" --imgsz "$imgsz" --batch-size "$batch" --workers "$workers" --cache ram \
+"$py" -m bench.speed --cfg "$cfg" --imgsz "$imgsz" --batch-size "$batch" --workers "$workers" --cache ram \
     --epochs 3 --images "$images" --val-images 256 --device "$device" --project "$out/speed_runs" \
     --json "$out/speed.json" "${extra[@]}" 2>&1 | tee "$out/speed.log"
-python -m bench.train_speed --cfg "$cfg" --act relu --imgsz "$imgsz" --batch-size "$batch" --steps 20 \
+"$py" -m bench.train_speed --cfg "$cfg" --act relu --imgsz "$imgsz" --batch-size "$batch" --steps 20 \
     --workers "$workers" --device "$device" --json "$out/train_speed.json" 2>&1 | tee "$out/train_speed.log"
