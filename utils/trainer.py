@@ -139,7 +139,8 @@ class Trainer:
         """Swap in the fake-quantized model: rebuilt from a QAT checkpoint, or prepared from float weights.
 
         AMP under QAT: autocast runs in bfloat16 (float32's range, so no overflowing steps and no
-        GradScaler) and the fake-quant ops themselves run in float32 (see quant/fake_quant.py).
+        GradScaler); activations are fake-quantized in bfloat16 directly, which is exact for power-of-2
+        scales (see quant/fake_quant.py).
         """
         from utils.qat import is_qat_checkpoint, prepare_qat_model, rebuild_qat_model
 
