@@ -22,5 +22,7 @@ if [ -n "$upstream" ]; then extra=(--upstream-images-per-s "$upstream"); fi
 "$py" -m bench.speed --cfg "$cfg" --imgsz "$imgsz" --batch-size "$batch" --workers "$workers" --cache ram \
     --epochs 3 --images "$images" --val-images 256 --device "$device" --project "$out/speed_runs" \
     --json "$out/speed.json" "${extra[@]}" 2>&1 | tee "$out/speed.log"
+# the loader stage reads the images bench.speed generated
 "$py" -m bench.train_speed --cfg "$cfg" --act relu --imgsz "$imgsz" --batch-size "$batch" --steps 20 \
-    --workers "$workers" --device "$device" --json "$out/train_speed.json" 2>&1 | tee "$out/train_speed.log"
+    --workers "$workers" --device "$device" --data "$out/speed_runs/synthetic/synthetic.yaml" --cache ram \
+    --json "$out/train_speed.json" 2>&1 | tee "$out/train_speed.log"

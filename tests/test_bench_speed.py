@@ -62,3 +62,21 @@ def test_loader_cost_runs_like_a_worker(tmp_path):
     result = loader_cost(str(tmp_path / "syn" / "images" / "train"), imgsz=64, batch_size=4, batches=3)
     assert result["samples"] == 12 and result["ms_per_sample"] > 0
     assert worker_state._worker_info is None  # the fake worker context is gone afterwards
+
+
+def test_gpu_speed_script_runs_on_cpu(tmp_path):
+    """bench/gpu_speed.sh at toy settings (the GPU run uses the same two commands at full size)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "DEVICE": "cpu", "CFG": "yolov5p.yaml", "IMGSZ": "64", "BATCH": "8", "IMAGES": "16",
+           "WORKERS": "0", "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(repo / "bench" / "gpu_speed.sh"), str(tmp_path / "out"), "100"], cwd=repo,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    speed = json.loads((tmp_path / "out" / "speed.json").read_text())
+    steps = json.loads((tmp_path / "out" / "train_speed.json").read_text())
+    assert "float_over_upstream" in speed["ratios"] and "qat_frozen" in steps["stages"]
