@@ -68,6 +68,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
                    help="QAT: epochs (fractions allowed) during which observers calibrate ranges")
     p.add_argument("--qat-freeze-bn-epoch", type=int, default=2,
                    help="QAT: epoch from which BN statistics are frozen (-1: never)")
+    p.add_argument("--qat-calib-images", type=int, default=512,
+                   help="QAT: calibrate (PTQ) on this many training images before the first step; 0: observers start in training")
     p.add_argument("--qat-graphs", action="store_true", help="QAT: write Graphviz graphs before/after prepare")
     p.add_argument("--memory-format", choices=MEMORY_FORMATS, default="auto",
                    help="model/batch layout: auto = channels_last on CUDA (about 2x faster convs), contiguous on CPU")

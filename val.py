@@ -89,7 +89,8 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
         task="val", device="", workers=8, single_cls=False, augment=False, verbose=False, save_txt=False,
         save_conf=False, save_json=False, project=ROOT / "runs/val", name="exp", exist_ok=False,
         half=True, model=None, dataloader=None, save_dir=Path(""), plots=True, compute_loss=None,
-        qat_report=False, ptq=False, calib_images=512, qat_config=None, memory_format="auto"):
+        qat_report=False, ptq=False, calib_images=512, qat_config=None, memory_format="auto",
+        ptq_sensitivity=False, target_drop=0.5):
     """Validate and return ((P, R, mAP50, mAP50-95, *mean losses), per-class mAPs, speeds in ms).
 
     Called with `weights` from the command line, or in-process by training with `model` and
@@ -114,6 +115,9 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
         save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
         (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
         data = load_data_config(data)
+        if ptq_sensitivity:  # choose the layers to keep at 16 bits, then validate PTQ with that config
+            ptq, qat_config = True, _sensitivity_config(weights, device, imgsz, data, calib_images, qat_config,
+                                                        target_drop, batch_size, workers, save_dir)
         model, rect, imgsz = _load_for_val(weights, device, imgsz, data, ptq, calib_images, qat_config, workers)
         half &= device.type != "cpu" and not _is_quantized(model)
         if isinstance(model, torch.nn.Module) and use_channels_last(memory_format, device):
@@ -145,6 +149,7 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
 
         images = next(iter(dataloader))[0][:8].to(device).float() / 255
         LOGGER.info("\n" + quantizer_table(model, images))
+        _report_layer_errors(model, images, save_dir)
     if save_json and writer.records:
         result = _save_and_score_json(writer, weights, save_dir, anno_json, dataloader, result)
     if not training:
@@ -152,6 +157,33 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
         LOGGER.info(f"Results saved to {save_dir}{saved}")
     losses = result.loss.tolist() if result.loss is not None else [0.0, 0.0, 0.0]
     return (result.mp, result.mr, result.map50, result.map, *losses), result.maps, result.speeds_ms
+
+
+def _sensitivity_config(weights, device, imgsz, data, calib_images, qat_config, target_drop, batch_size, workers,
+                        save_dir):
+    from utils.checkpoint import load_model
+    from utils.data_config import check_img_size
+    from utils.ptq_sensitivity import sensitivity_config
+
+    model, meta = load_model(weights, device=device, fuse=False)
+    if meta.get("qat"):
+        raise ValueError(f"{weights}: --ptq-sensitivity needs a float checkpoint, this one is already quantized")
+    stride = max(int(model.stride.max()), 32)
+    imgsz = check_img_size(imgsz, stride)
+    loader = _make_dataloader(data, "val", imgsz, batch_size, stride, False, workers)
+    return sensitivity_config(model, data, imgsz, calib_images, qat_config, target_drop, loader, device, workers,
+                              save_dir)
+
+
+def _report_layer_errors(model, images, save_dir: Path) -> None:
+    """Per-quantizer SQNR (alone and accumulated) printed, and saved as CSV and a PNG bar chart."""
+    from quant.layer_error import format_layer_errors, layer_errors, plot_layer_errors, write_layer_errors_csv
+
+    rows = layer_errors(model, images)
+    LOGGER.info("\n" + format_layer_errors(rows))
+    csv_path = write_layer_errors_csv(rows, Path(save_dir) / "quant_layers.csv")
+    png_path = plot_layer_errors(rows, Path(save_dir) / "quant_layers.png")
+    LOGGER.info(f"per-layer quantization error saved to {csv_path} and {png_path}")
 
 
 def _is_quantized(model) -> bool:
@@ -182,20 +214,11 @@ def _load_for_val(weights, device, imgsz, data, ptq, calib_images, qat_config, w
 
 
 def _post_training_quantize(model, device, imgsz, data, calib_images, qat_config, workers):
-    """The PTQ baseline: the same prepare as QAT, observers calibrated on training images, no training."""
-    from quant.calibrate import calibrate
-    from utils.dataset import create_dataloader
-    from utils.log import colorstr
-    from utils.qat import prepare_qat_model
+    """The PTQ baseline: the same prepare and calibration a QAT run starts from, no training."""
+    from utils.qat import calibrate_on_training_images, prepare_qat_model
 
-    stride = max(int(model.stride.max()), 32)
     prepared = prepare_qat_model(model, imgsz, qat_config)
-    source = data.get("train") or data["val"]
-    # Square letterboxed images in a seeded random order: rect batches come sorted by aspect ratio,
-    # so the first N images would be a biased calibration sample (and rect turns shuffling off).
-    loader = create_dataloader(source, imgsz, 32, stride, rect=False, workers=workers, shuffle=True,
-                               prefix=colorstr("calibration: "))[0]
-    calibrate(prepared, loader, calib_images, device)
+    calibrate_on_training_images(prepared, data, imgsz, calib_images, device, workers)
     return prepared.eval()
 
 
@@ -248,6 +271,11 @@ def parse_opt(argv=None):
     parser.add_argument("--qat-report", action="store_true", help="QAT/PTQ models: print every quantizer's scale and range")
     parser.add_argument("--ptq", action="store_true", help="post-training quantization baseline of a float model")
     parser.add_argument("--calib-images", type=int, default=512, help="--ptq: number of calibration images")
+    parser.add_argument("--ptq-sensitivity", action="store_true",
+                        help="--ptq: rank layers by sensitivity, keep the fewest at 16 bits for --target-drop, "
+                             "write mixed_precision.yaml and validate with it")
+    parser.add_argument("--target-drop", type=float, default=0.5,
+                        help="--ptq-sensitivity: largest mAP50-95 drop vs float, in points")
     parser.add_argument("--qat-config", type=str, default=None, help="--ptq: quant config yaml (default data/quant/default.yaml)")
     parser.add_argument("--memory-format", choices=("auto", "channels_last", "contiguous"), default="auto",
                         help="PyTorch models: auto = channels_last on CUDA, contiguous on CPU")

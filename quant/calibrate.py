@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -10,6 +10,19 @@ import torch.nn as nn
 from quant.schedule import iter_quantizers, set_observers
 
 LOGGER = logging.getLogger(__name__)
+
+
+def iter_images(batches: Iterable, n_images: int, device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
+    """Float images in [0, 1] on `device`, at most `n_images` in all, from dataloader batches
+    ((images, ...) tuples or bare tensors; uint8 images are divided by 255, float ones kept)."""
+    seen = 0
+    for batch in batches:
+        im = batch[0] if isinstance(batch, (tuple, list)) else batch
+        im = im[: n_images - seen].to(device, non_blocking=True)
+        yield im.float() / 255 if im.dtype == torch.uint8 else im.float()
+        seen += im.shape[0]
+        if seen >= n_images:
+            return
 
 
 @torch.no_grad()
@@ -29,13 +42,9 @@ def calibrate(model: nn.Module, batches: Iterable, n_images: int, device: torch.
         q.calibrating = True
     seen = 0
     try:
-        for batch in batches:
-            im = batch[0] if isinstance(batch, (tuple, list)) else batch
-            im = im[: n_images - seen].to(device, non_blocking=True).float() / 255
+        for im in iter_images(batches, n_images, device):
             model(im)
             seen += im.shape[0]
-            if seen >= n_images:
-                break
     finally:
         for q in quantizers:
             q.calibrating = False

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Optional, Union
 import yaml
 
 ROUNDING_MODES = ("ceil", "round", "mse")
-OBSERVERS = ("ema_minmax", "minmax", "current")
+OBSERVERS = ("ema_minmax", "minmax", "current", "histogram")
 BN_MODES = ("simulate", "fold")
 _GLOB_CHARS = frozenset("*?[")
 _LAYER_PREFIX = "layer:"
@@ -52,7 +52,9 @@ class QuantSpec:
     up to about ``2**k`` in magnitude are representable; ``k`` comes from the observed bound by the
     ``rounding`` rule, or is pinned by ``fixed_exponent`` (which disables the observer).
     ``observer``: 'ema_minmax' (moving average of batch min/max), 'minmax' (running extreme since
-    the last reset) or 'current' (the tensor of the latest forward only).
+    the last reset), 'current' (the tensor of the latest forward only) or 'histogram' (per tensor: a
+    histogram of every observed value, see quant.histogram; with ``rounding: mse`` k minimises the
+    squared error over all of them, with 'ceil'/'round' k covers the ``percentile`` of magnitudes).
     """
 
     bits: int = 8
@@ -63,6 +65,7 @@ class QuantSpec:
     observer: str = "ema_minmax"
     averaging_constant: float = 0.01
     fixed_exponent: Optional[int] = None
+    percentile: float = 100.0
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
@@ -78,6 +81,11 @@ class QuantSpec:
         fixed = self.fixed_exponent
         if fixed is not None and (isinstance(fixed, bool) or not isinstance(fixed, int)):
             raise ValueError(f"QuantSpec.fixed_exponent must be an int or null, got {fixed!r}")
+        pct = self.percentile
+        if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 50.0 <= float(pct) <= 100.0:
+            raise ValueError(f"QuantSpec.percentile must be a number in [50, 100], got {pct!r}")
+        if self.observer == "histogram" and self.per_channel:
+            raise ValueError("QuantSpec.observer 'histogram' is per tensor; use 'current' or 'minmax' per channel")
 
     def replace(self, overrides: Mapping[str, Any]) -> "QuantSpec":
         """Return a copy with ``overrides`` applied (unknown field names raise ValueError)."""
@@ -146,6 +154,9 @@ class QuantConfig:
     input: QuantSpec = QuantSpec(signed=False, fixed_exponent=0)
     quantize_input: bool = True
     bn_mode: str = "simulate"
+    # PTQ (and the calibration a QAT run starts from): remove the mean output shift weight
+    # quantization causes, per conv channel (quant.bias_correction).
+    bias_correction: bool = False
     rules: tuple = ()
     leaf_modules: tuple = ()
 
@@ -155,8 +166,9 @@ class QuantConfig:
                 raise ValueError(f"QuantConfig.{name} must be a QuantSpec, got {getattr(self, name)!r}")
         if self.bn_mode not in BN_MODES:
             raise ValueError(f"QuantConfig.bn_mode must be one of {BN_MODES}, got {self.bn_mode!r}")
-        if not isinstance(self.quantize_input, bool):
-            raise ValueError(f"QuantConfig.quantize_input must be a bool, got {self.quantize_input!r}")
+        for name in ("quantize_input", "bias_correction"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"QuantConfig.{name} must be true or false, got {getattr(self, name)!r}")
         rules = tuple(self.rules)
         for rule in rules:
             if not isinstance(rule, LayerRule):
@@ -204,7 +216,7 @@ class QuantConfig:
             for name in ("weight", "activation", "input"):
                 if name in data:
                     kwargs[name] = _spec_from(getattr(base, name), data[name], f"{source}: {name}")
-            for name in ("quantize_input", "bn_mode"):
+            for name in ("quantize_input", "bn_mode", "bias_correction"):
                 if name in data:
                     kwargs[name] = data[name]
             if "leaf_modules" in data:
@@ -233,6 +245,7 @@ class QuantConfig:
             "input": dataclasses.asdict(self.input),
             "quantize_input": self.quantize_input,
             "bn_mode": self.bn_mode,
+            "bias_correction": self.bias_correction,
             "rules": [rule.to_dict() for rule in self.rules],
             "leaf_modules": list(self.leaf_modules),
         }

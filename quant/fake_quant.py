@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from quant.config import QuantSpec
+from quant.histogram import ValueHistogram
 
 LOGGER = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class Pow2FakeQuantize(nn.Module):
         # Per-forward aggregation (see begin_step): the pre-step statistics and this step's range.
         self._step_stats: Optional[tuple] = None
         self._aggregate = False
+        self._histogram = ValueHistogram() if spec.observer == "histogram" else None
         channels = num_channels if spec.per_channel else 1
         fixed = spec.fixed_exponent
         n_cand = MSE_CANDIDATES if spec.rounding == "mse" else 0
@@ -129,6 +131,11 @@ class Pow2FakeQuantize(nn.Module):
         if not self.is_active():
             return x
         return self._fake_quant(x)
+
+    def quantize_now(self, x: torch.Tensor) -> torch.Tensor:
+        """x fake-quantized with the current scale whatever the enable flag says (x itself before the
+        first observation); observes nothing. For reports that compare quantized and float tensors."""
+        return self._fake_quant(x) if self._flag("calibrated") else x
 
     def is_active(self) -> bool:
         """True when forward fake-quantizes: calibrated and fake quantization enabled (no device sync)."""
@@ -189,6 +196,8 @@ class Pow2FakeQuantize(nn.Module):
         self.max_val.fill_(float("-inf"))
         self.mse_err.zero_()
         self.num_observed.zero_()
+        if self._histogram is not None:
+            self._histogram.reset()
 
     @torch.no_grad()
     def sync_across_ranks(self) -> None:
@@ -201,6 +210,8 @@ class Pow2FakeQuantize(nn.Module):
             return
         self._host_flags.clear()  # collectives write the buffers behind the version counters' back
         observed = self.calibrated.float()  # ranks that never observed do not vote on errors
+        if self._histogram is not None:
+            self._histogram.sync_across_ranks(self.exponent.device)
         old_top = self._window_top() if self.spec.rounding == "mse" else None
         dist.all_reduce(self.min_val, op=dist.ReduceOp.MIN)
         dist.all_reduce(self.max_val, op=dist.ReduceOp.MAX)
@@ -294,6 +305,9 @@ class Pow2FakeQuantize(nn.Module):
     def _observe(self, x: torch.Tensor) -> None:
         """Fold this batch's range into the statistics and update the exponent, all on the device
         (the first-observation test is a device boolean, not a Python branch, so nothing syncs)."""
+        if self._histogram is not None:
+            self._observe_histogram(x)
+            return
         mse = self.spec.rounding == "mse"
         if not (mse or self.spec.per_channel):  # per-tensor range: one pass in x's own dtype and layout
             if x.numel() == 0:
@@ -325,6 +339,30 @@ class Pow2FakeQuantize(nn.Module):
         if not self._flag("calibrated"):
             self.calibrated.fill_(1)
 
+    def _observe_histogram(self, x: torch.Tensor) -> None:
+        """Count x into the histogram and keep min/max over everything seen (host reads: the
+        histogram's range is a Python int; this runs only while calibrating)."""
+        if x.numel() == 0:
+            return
+        self._histogram.add(x)
+        lo, hi = (v.float().reshape(1) for v in torch.aminmax(x.detach()))
+        first = (self.calibrated == 0) | torch.isinf(self.min_val).any()
+        self.min_val.copy_(torch.where(first, lo, torch.minimum(self.min_val, lo)))
+        self.max_val.copy_(torch.where(first, hi, torch.maximum(self.max_val, hi)))
+        self.num_observed.add_(1)
+        self._update_exponent()
+        if not self._flag("calibrated"):
+            self.calibrated.fill_(1)
+
+    def _histogram_exponent(self) -> float:
+        """k from the histogram: the least-error candidate ('mse'), else the percentile bound's exponent."""
+        hist = self._histogram
+        if self.spec.rounding == "mse":
+            top = int(self._window_top())
+            return float(hist.mse_exponent(range(top - MSE_CANDIDATES + 1, top + 1), self.bits, self.signed))
+        bound = hist.percentile_bound(self.spec.percentile) if self.spec.percentile < 100 else float(self._bound())
+        return float(exponent_from_bound(torch.tensor([bound]), self.spec.rounding))
+
     def _merge_with_step(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Within one forward (after begin_step), widen this call's range by the earlier calls' and
         roll min/max back to their pre-step values, so the step updates them once."""
@@ -351,6 +389,10 @@ class Pow2FakeQuantize(nn.Module):
         return exponent_from_bound(self._bound(), "ceil")
 
     def _update_exponent(self) -> None:
+        if self._histogram is not None:
+            if not self._histogram.empty:
+                self.exponent.fill_(self._histogram_exponent())
+            return
         if self.spec.rounding != "mse":
             self.exponent.copy_(exponent_from_bound(self._bound(), self.spec.rounding))
             return

@@ -167,6 +167,32 @@ class QATConvBnAct(_LinksInput, nn.Module):
         weight, bias = _fold(conv, self.bn)
         return weight.detach(), bias.detach()
 
+    def weight_error(self) -> torch.Tensor:
+        """Quantized minus float weight of the conv the integer model runs (BN folded with its running
+        statistics), without gradient: conv(x, weight_error()) is the output error weights cause."""
+        with torch.no_grad():
+            weight, _ = self.folded_weight_and_bias()
+            return self.weight_fake_quant(weight) - weight
+
+    def conv_only(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """This module's convolution geometry applied to ``x`` with another weight and no bias."""
+        return self.conv._conv_forward(x, weight, None)
+
+    @torch.no_grad()
+    def shift_output(self, delta: torch.Tensor) -> bool:
+        """Subtract ``delta`` (per output channel) from the pre-activation output in eval mode. With BN
+        the shift goes into its running mean, which is where QAT's batch statistics would put it;
+        without BN into the conv bias. False when there is nowhere to put it (no BN, no bias)."""
+        bn = self.bn
+        if bn is not None:
+            sf = self._bn_scale()
+            bn.running_mean.add_(torch.where(sf.abs() > _TINY_SCALE, delta / sf, torch.zeros_like(delta)))
+            return True
+        if self.conv.bias is None:
+            return False
+        self.conv.bias.sub_(delta)
+        return True
+
     def extra_repr(self) -> str:
         return f"bn_mode={self.bn_mode}" + (", bn_frozen=True" if self.bn_frozen else "")
 
@@ -192,6 +218,22 @@ class QATConv(_LinksInput, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = quantize_bias(self.bias, self._input_quant, self.weight_fake_quant)
         return self.out_quant(self._conv_forward(x, self.weight_fake_quant(self.weight), bias))
+
+    def weight_error(self) -> torch.Tensor:
+        """Quantized minus float weight, without gradient."""
+        with torch.no_grad():
+            return self.weight_fake_quant(self.weight) - self.weight
+
+    def conv_only(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, weight, None)
+
+    @torch.no_grad()
+    def shift_output(self, delta: torch.Tensor) -> bool:
+        """Subtract ``delta`` (per output channel) from the bias; False when the conv has none."""
+        if self.bias is None:
+            return False
+        self.bias.sub_(delta)
+        return True
 
     @torch.no_grad()
     def folded_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:

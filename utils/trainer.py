@@ -142,7 +142,8 @@ class Trainer:
         GradScaler); activations are fake-quantized in bfloat16 directly, which is exact for power-of-2
         scales (see quant/fake_quant.py).
         """
-        from utils.qat import is_qat_checkpoint, prepare_qat_model, rebuild_qat_model
+        from quant.schedule import iter_quantizers
+        from utils.qat import calibrate_on_training_images, is_qat_checkpoint, prepare_qat_model, rebuild_qat_model
 
         opt = self.opt
         if ckpt is not None and is_qat_checkpoint(ckpt):
@@ -152,6 +153,12 @@ class Trainer:
         else:
             graphs = self.save_dir / "graphs" if getattr(opt, "qat_graphs", False) and self.main else None
             prepared = prepare_qat_model(model, self.imgsz, opt.qat_config, graph_dir=graphs)
+            n_calib = int(getattr(opt, "qat_calib_images", 0) or 0)
+            if n_calib > 0:  # start from the PTQ state: every range calibrated before the first step
+                calibrate_on_training_images(prepared, self.data, self.imgsz, n_calib, self.device, opt.workers)
+                if self.rank != -1:
+                    for _, q in iter_quantizers(prepared):
+                        q.sync_across_ranks()
             if self.main:
                 (self.save_dir / "qat_plan.txt").write_text(prepared.plan.table() + "\n")
                 LOGGER.info(colorstr("QAT: ") + f"prepared with {opt.qat_config}; plan in {self.save_dir / 'qat_plan.txt'}")

@@ -130,3 +130,46 @@ def test_quantizer_table_before_calibration_shows_no_range():
     table = quantizer_table(_prepared())
     row = next(line for line in table.splitlines() if line.startswith("act_quant.stem "))
     assert " - " in row
+
+
+# ------------------------------------------------------------------------------------- layer errors
+def test_layer_errors_rows_and_files(tmp_path):
+    from quant.layer_error import (format_layer_errors, layer_errors, plot_layer_errors,
+                                   write_layer_errors_csv)
+
+    model = _prepared()
+    calibrate(model, _batches(2), n_images=4)
+    images = torch.rand(2, 3, 16, 16)
+    flags_before = {n: int(q.fake_quant_enabled) for n, q in iter_quantizers(model)}
+    state_before = _state(model)
+    rows = layer_errors(model, images)
+    names = [n for n, _ in iter_quantizers(model)]
+    assert [r.name for r in rows] == names  # every distinct quantizer once, in order
+    kinds = {r.name: r.kind for r in rows}
+    assert kinds["stem.weight_fake_quant"] == "weight" and kinds["act_quant.stem"] == "activation"
+    for r in rows:
+        assert r.sqnr_alone > 10 and r.sqnr_accumulated > 0, r  # 8 bits: well above the noise
+        assert 0.0 <= r.clipped <= 1.0
+    acts = [r for r in rows if r.kind == "activation" and r.name != "act_quant.input"]
+    # downstream tensors carry the upstream error too: accumulated is never better than alone
+    assert all(r.sqnr_accumulated <= r.sqnr_alone + 1e-6 for r in acts)
+    assert {n: int(q.fake_quant_enabled) for n, q in iter_quantizers(model)} == flags_before
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state_before.items())
+    table = format_layer_errors(rows)
+    assert len(table.splitlines()) == len(rows) + 2 and "SQNR alone" in table
+    csv_text = write_layer_errors_csv(rows, tmp_path / "l.csv").read_text().splitlines()
+    assert csv_text[0].startswith("name,kind,dtype,exponent,clipped,sqnr_alone") and len(csv_text) == len(rows) + 1
+    png = plot_layer_errors(rows, tmp_path / "l.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_layer_errors_see_a_coarse_quantizer():
+    """A 3-bit activation stands out: lower SQNR alone than every 8-bit one."""
+    from quant.config import LayerRule
+    from quant.layer_error import layer_errors
+
+    model = _prepared(QuantConfig(rules=(LayerRule("stem", activation={"bits": 3}),)))
+    calibrate(model, _batches(2), n_images=4)
+    rows = {r.name: r for r in layer_errors(model, torch.rand(2, 3, 16, 16))}
+    coarse = rows["act_quant.stem"].sqnr_alone
+    assert all(coarse < r.sqnr_alone for n, r in rows.items() if r.kind == "activation" and n != "act_quant.stem")

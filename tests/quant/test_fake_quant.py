@@ -247,13 +247,15 @@ def _sync_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             "tensor_round": Pow2FakeQuantize(QuantSpec(rounding="round"), signed=True),
             "tensor_mse": Pow2FakeQuantize(QuantSpec(rounding="mse"), signed=True),
             "channel_mse": Pow2FakeQuantize(QuantSpec(rounding="mse", per_channel=True), signed=True, num_channels=3),
+            "tensor_hist": Pow2FakeQuantize(QuantSpec(observer="histogram", rounding="mse"), signed=True),
         }
         for fq in quantizers.values():
             fq.train()
             fq(torch.randn(3, 64) * (1 + 30 * rank))  # the ranks see very different ranges
             fq.sync_across_ranks()
-        torch.save({k: (q.exponent, q.min_val, q.max_val, q.mse_err) for k, q in quantizers.items()},
-                   f"{out_dir}/rank{rank}.pt")
+        state = {k: (q.exponent, q.min_val, q.max_val, q.mse_err) for k, q in quantizers.items()}
+        state["histogram"] = (quantizers["tensor_hist"]._histogram.hist, torch.tensor(quantizers["tensor_hist"]._histogram.top))
+        torch.save(state, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -265,3 +267,12 @@ def test_sync_across_ranks_gloo(tmp_path):
         for a, b in zip(r0[key], r1[key]):
             assert torch.equal(a, b), key
     assert r0["tensor_round"][2].item() > 20  # the max came from rank 1
+    # The summed histogram is the one a single quantizer builds from both ranks' data.
+    alone = Pow2FakeQuantize(QuantSpec(observer="histogram", rounding="mse"), signed=True).train()
+    for rank in (0, 1):
+        torch.manual_seed(rank)
+        for _ in range(3):  # the worker drew three tensors before the histogram quantizer's
+            torch.randn(3, 64)
+        alone(torch.randn(3, 64) * (1 + 30 * rank))
+    assert torch.equal(r0["histogram"][0], alone._histogram.hist) and int(r0["histogram"][1]) == alone._histogram.top
+    assert torch.equal(r0["tensor_hist"][0], alone.exponent)

@@ -1,0 +1,168 @@
+"""A value histogram over a power-of-2 range, kept across every calibration batch.
+
+The histogram behind the 'histogram' observer holds two rows of ``HIST_BINS`` bins each: row 0
+counts the magnitudes of non-negative values, row 1 those of negative values, both over
+``[0, 2**top]``. When a batch holds a value beyond ``2**top`` the range doubles until it fits, and
+doubling merges neighbouring bins pairwise, which is exact: the bin edges of the wider range are
+edges of the narrower one. So every image given to calibration counts with the same weight, and
+the result does not depend on the batch size, and on the batch order only through the resolution
+at which the earliest batches were binned.
+
+From the histogram come the exponent that minimises the mean squared quantization error over the
+candidates (:func:`candidate_errors`) and a percentile bound (:func:`percentile_bound`).
+
+Example::
+
+    hist, top = empty_histogram(), None
+    for x in batches:
+        hist, top = add_to_histogram(hist, top, x)
+    errors = candidate_errors(hist, top, [top - 1, top], bits=8, signed=False)
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+HIST_BINS = 2 ** 15  # bin width 2**top / 32768: 1/8 of the finest 8-bit step among 5 candidate exponents
+_EXP_MIN, _EXP_MAX = -48, 48
+
+
+def empty_histogram(device: torch.device | str = "cpu") -> torch.Tensor:
+    """A (2, HIST_BINS) float64 histogram with no counts (float64: exact counts up to 2**53)."""
+    return torch.zeros(2, HIST_BINS, dtype=torch.float64, device=device)
+
+
+def needed_exponent(bound: float) -> int:
+    """Smallest integer t with ``bound <= 2**t`` (clamped to the representable exponents)."""
+    if not bound > 0.0:
+        return _EXP_MIN
+    return int(min(max(math.ceil(math.log2(bound)), _EXP_MIN), _EXP_MAX))
+
+
+def widen(hist: torch.Tensor, shift: int) -> torch.Tensor:
+    """The same counts over a range ``2**shift`` times wider (bins merged in groups of 2**shift)."""
+    if shift <= 0:
+        return hist
+    bins = hist.shape[1]
+    factor = 2 ** shift
+    out = torch.zeros_like(hist)
+    if factor >= bins:
+        out[:, 0] = hist.sum(dim=1)
+    else:
+        out[:, : bins // factor] = hist.reshape(2, bins // factor, factor).sum(dim=2)
+    return out
+
+
+@torch.no_grad()
+def add_to_histogram(hist: torch.Tensor, top: Optional[int], x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Count the finite values of ``x`` into ``hist`` (widening it first if needed); returns the
+    histogram and its range exponent. ``top=None`` means the histogram is empty."""
+    xf = x.detach().float().reshape(-1)
+    if xf.numel() == 0:
+        return hist, (top if top is not None else _EXP_MIN)
+    lo, hi = torch.aminmax(xf)
+    lo, hi = float(lo), float(hi)  # one host read per observation, only while calibrating
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        xf = xf[torch.isfinite(xf)]
+        if xf.numel() == 0:
+            return hist, (top if top is not None else _EXP_MIN)
+        lo, hi = float(xf.min()), float(xf.max())
+    need = needed_exponent(max(hi, -lo))
+    if top is None:
+        top = need
+    elif need > top:
+        hist, top = widen(hist, need - top), need
+    bins = hist.shape[1]
+    # Bin index floor(|x| * bins / 2**top): a multiplication by a power of two and a floor, both exact,
+    # so a value lands in the same bin whatever range it is binned at (widening stays exact).
+    index = (xf.abs() * (bins / 2.0 ** top)).floor_().clamp_(max=bins - 1).long()
+    index += (xf < 0).long() * bins  # row 1: negative values
+    hist += torch.bincount(index, minlength=2 * bins).reshape(2, bins).to(hist.dtype)
+    return hist, top
+
+
+def bin_centres(top: int, bins: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Centres of the magnitude bins over [0, 2**top], float64."""
+    width = 2.0 ** top / bins
+    return (torch.arange(bins, dtype=torch.float64, device=device) + 0.5) * width
+
+
+def candidate_errors(hist: torch.Tensor, top: int, exponents: Sequence[int], bits: int, signed: bool) -> torch.Tensor:
+    """Mean squared fake-quant error of the histogrammed values for each exponent k in ``exponents``
+    (scale ``2**k / 2**(bits - signed)``, zero point 0), each bin taken at its centre."""
+    total = float(hist.sum())
+    if total == 0.0:
+        return torch.zeros(len(exponents), dtype=torch.float64)
+    centres = bin_centres(top, hist.shape[1], hist.device)
+    pos_max = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
+    neg_max = 2 ** (bits - 1) if signed else 0  # an unsigned quantizer maps every negative value to 0
+    errors = []
+    for k in exponents:
+        step = 2.0 ** (k - (bits - int(signed)))
+        levels = torch.round(centres / step)
+        err_pos = (centres - levels.clamp(max=pos_max) * step).pow(2)
+        err_neg = (centres - levels.clamp(max=neg_max) * step).pow(2)
+        errors.append(float((hist[0] * err_pos + hist[1] * err_neg).sum()) / total)
+    return torch.tensor(errors, dtype=torch.float64)
+
+
+def percentile_bound(hist: torch.Tensor, top: int, percentile: float) -> float:
+    """The magnitude below which ``percentile`` % of the histogrammed values lie (upper bin edge)."""
+    counts = hist.sum(dim=0)
+    total = float(counts.sum())
+    if total == 0.0:
+        return 0.0
+    cumulative = torch.cumsum(counts, dim=0)
+    index = int(torch.searchsorted(cumulative, torch.tensor(total * percentile / 100.0, dtype=cumulative.dtype,
+                                                                device=cumulative.device)))
+    return (min(index, hist.shape[1] - 1) + 1) * 2.0 ** top / hist.shape[1]
+
+
+class ValueHistogram:
+    """The histogram of one quantizer: a plain object, not a buffer, so it never enters a checkpoint
+    (the chosen exponent does) and DDP never broadcasts it; each rank counts its own images until
+    :meth:`sync_across_ranks` sums them."""
+
+    def __init__(self) -> None:
+        self.hist: Optional[torch.Tensor] = None
+        self.top: Optional[int] = None
+
+    @property
+    def empty(self) -> bool:
+        return self.hist is None or self.top is None
+
+    def reset(self) -> None:
+        self.hist, self.top = None, None
+
+    def add(self, x: torch.Tensor) -> None:
+        hist = self.hist
+        if hist is None:
+            hist = empty_histogram(x.device)
+        elif hist.device != x.device:
+            hist = hist.to(x.device)
+        self.hist, self.top = add_to_histogram(hist, self.top, x)
+
+    def mse_exponent(self, exponents: Sequence[int], bits: int, signed: bool) -> int:
+        """The candidate with the smallest error; ties go to the smaller (finer) exponent."""
+        errors = candidate_errors(self.hist, self.top, exponents, bits, signed)
+        return int(exponents[int(torch.argmin(errors))])
+
+    def percentile_bound(self, percentile: float) -> float:
+        return percentile_bound(self.hist, self.top, percentile)
+
+    @torch.no_grad()
+    def sync_across_ranks(self, device: torch.device) -> None:
+        """Sum every rank's counts over the widest rank's range (torch.distributed must be initialised)."""
+        import torch.distributed as dist
+
+        top = torch.tensor([self.top if self.top is not None else _EXP_MIN - 1], dtype=torch.int64, device=device)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        common = int(top)
+        hist = self.hist.to(device) if self.hist is not None else empty_histogram(device)
+        if self.top is not None:
+            hist = widen(hist, common - self.top)
+        dist.all_reduce(hist, op=dist.ReduceOp.SUM)
+        if common >= _EXP_MIN:
+            self.hist, self.top = hist, common

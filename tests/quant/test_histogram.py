@@ -1,0 +1,129 @@
+"""Histogram calibration (quant/histogram.py and the 'histogram' observer of Pow2FakeQuantize)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from quant.calibrate import calibrate
+from quant.config import QuantConfig, QuantSpec
+from quant.fake_quant import Pow2FakeQuantize
+from quant.histogram import (HIST_BINS, add_to_histogram, candidate_errors, empty_histogram, percentile_bound,
+                             widen)
+from quant.prepare import prepare
+from quant.schedule import iter_quantizers
+
+
+def _brute_force_errors(x: torch.Tensor, exponents, bits: int, signed: bool) -> torch.Tensor:
+    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+    out = []
+    for k in exponents:
+        step = 2.0 ** (k - (bits - int(signed)))
+        q = torch.clamp(torch.round(x.double() / step), qmin, qmax) * step
+        out.append(float((q - x.double()).pow(2).mean()))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_widen_keeps_every_count_and_is_exact():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(5000, generator=gen) * 0.9
+    narrow, top = add_to_histogram(empty_histogram(), None, x)
+    assert top == 0 and float(narrow.sum()) == 5000
+    wide, _ = add_to_histogram(empty_histogram(), 2, x)  # the same values binned over a 4x range
+    assert torch.equal(widen(narrow, 2), wide)
+    assert float(widen(narrow, 40).sum()) == 5000  # wider than the bin count: all in the first bin
+
+
+def test_candidate_errors_match_the_tensor():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.randn(20000, generator=gen), torch.tensor([9.0, -7.5])])  # two outliers
+    hist, top = add_to_histogram(empty_histogram(), None, x)
+    exps = list(range(top - 4, top + 1))
+    est = candidate_errors(hist, top, exps, bits=8, signed=True)
+    true = _brute_force_errors(x, exps, bits=8, signed=True)
+    assert int(torch.argmin(est)) == int(torch.argmin(true))
+    assert torch.allclose(est, true, rtol=0.05)
+
+
+def test_mse_exponent_picks_the_known_optimum_not_the_max():
+    # 100,000 normal values: the max (about 4.4) needs 2^3, but the least-error range for int8 is 2^2:
+    # the few values beyond 4 cost less clipped than the doubled step would cost on all the others.
+    x = torch.randn(100000, generator=torch.Generator().manual_seed(2))
+    fq = Pow2FakeQuantize(QuantSpec(observer="histogram", rounding="mse"), signed=True).train()
+    fq(x)
+    top = int(torch.ceil(torch.log2(x.abs().max())))
+    window = list(range(top - 4, top + 1))
+    assert int(fq.exponent) == window[int(torch.argmin(_brute_force_errors(x, window, 8, True)))]
+    assert int(fq.exponent) == 2 and top == 3
+    ceil = Pow2FakeQuantize(QuantSpec(observer="histogram", rounding="ceil"), signed=True).train()
+    ceil(x)
+    assert int(ceil.exponent) == 3
+
+
+def test_percentile_bound_and_exponent():
+    x = torch.arange(1, 1001, dtype=torch.float32)
+    hist, top = add_to_histogram(empty_histogram(), None, x)
+    assert percentile_bound(hist, top, 99.0) == pytest.approx(990, abs=2 ** top / HIST_BINS + 1e-6)
+    fq = Pow2FakeQuantize(QuantSpec(observer="histogram", rounding="ceil", percentile=50.0), signed=False).train()
+    fq(x)
+    assert int(fq.exponent) == 9  # the median 500 needs 2^9; the max would need 2^10
+
+
+def test_non_finite_values_are_not_counted():
+    hist, top = add_to_histogram(empty_histogram(), None, torch.tensor([1.0, float("nan"), float("inf"), 0.5]))
+    assert float(hist.sum()) == 2 and top == 0
+
+
+def test_histogram_needs_per_tensor_and_percentile_is_checked():
+    with pytest.raises(ValueError, match="per tensor"):
+        QuantSpec(observer="histogram", per_channel=True)
+    with pytest.raises(ValueError, match="percentile"):
+        QuantSpec(percentile=101)
+    with pytest.raises(ValueError, match="percentile"):
+        QuantSpec(percentile="high")
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        t = self.a(x)
+        return self.head(torch.cat([t, self.b(t)], 1))
+
+
+def _calibrated_exponents(images: torch.Tensor, batch_size: int, order: torch.Tensor, spec: QuantSpec) -> dict:
+    torch.manual_seed(0)
+    model = prepare(_Net(), torch.zeros(1, 3, 16, 16), QuantConfig(activation=spec))
+    shuffled = images[order]
+    batches = [shuffled[i:i + batch_size] for i in range(0, len(shuffled), batch_size)]
+    calibrate(model, batches, n_images=len(images))
+    return {name: q.exponent.clone() for name, q in iter_quantizers(model)}
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(observer="histogram", rounding="mse"),
+                                  QuantSpec(observer="minmax", rounding="ceil")], ids=["hist_mse", "minmax"])
+def test_calibration_does_not_depend_on_batch_order_or_size(spec):
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (24, 3, 16, 16), dtype=torch.uint8, generator=gen)
+    images[17] = 255  # one bright image: the range must not depend on when it is seen
+    ref = _calibrated_exponents(images, 8, torch.arange(24), spec)
+    for batch_size, seed in ((3, 0), (24, 1), (5, 2)):
+        order = torch.randperm(24, generator=torch.Generator().manual_seed(seed))
+        got = _calibrated_exponents(images, batch_size, order, spec)
+        assert got.keys() == ref.keys()
+        for name in ref:
+            assert torch.equal(got[name], ref[name]), (name, batch_size, seed)
+
+
+def test_ema_observer_depends_on_order_which_is_why_it_is_not_the_default():
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 64, (24, 3, 16, 16), dtype=torch.uint8, generator=gen)
+    images[0] = 255
+    spec = QuantSpec(observer="ema_minmax", rounding="round")
+    first = _calibrated_exponents(images, 4, torch.arange(24), spec)
+    last = _calibrated_exponents(images, 4, torch.arange(23, -1, -1), spec)
+    assert any(not torch.equal(first[n], last[n]) for n in first)
