@@ -2,9 +2,10 @@
 
 Usage:
     python -m bench.ptq_accuracy --weights runs/train/relu/weights/best.pt --data coco128.yaml --imgsz 320
-    python -m bench.ptq_accuracy --weights best.pt --data coco128.yaml --variants default,w_ceil --json out.json
+    python -m bench.ptq_accuracy --weights best.pt --data coco128.yaml --variants default,w_ceil+a_hist_mse
 
-Each variant is the shipped ``data/quant/default.yaml`` with a few keys changed (see VARIANTS); it is
+Each variant is the shipped ``data/quant/default.yaml`` with a few keys changed (see VARIANTS; 'a+b'
+applies a's changes then b's); it is
 calibrated on ``--calib-images`` training images and scored by val.py's own ``run`` on the dataset's
 val split. The table gives mAP50 and mAP50-95, the drop against the float model in points (x100),
 and the seconds each quantization step took (calibration, bias correction) as the PTQ code logged them.
@@ -35,6 +36,9 @@ _HIST_MSE = {"observer": "histogram", "rounding": "mse"}
 # name -> changes to data/quant/default.yaml: spec keys merge field by field, other keys replace.
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
+    # the first measured recipe (ceil weights, histogram-MSE activations) before bias correction and the
+    # fixed head range were added: notes/ptq.md's first table is 'stage1+<variant>'
+    "stage1": {"bias_correction": False, "rules": []},
     "before": {"weight": {"rounding": "round"}, "activation": {"observer": "ema_minmax", "rounding": "round"},
                "bias_correction": False, "rules": [{"pattern": "layer:24", "activation": {"rounding": "mse"}}]},
     "w_round": {"weight": {"rounding": "round"}},
@@ -48,6 +52,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "a_hist_p999": {"activation": {"observer": "histogram", "rounding": "ceil", "percentile": 99.9}},
     "bias_corr": {"bias_correction": True},
     "no_bias_corr": {"bias_correction": False},
+    "learned_rounding": {"learned_rounding": True},
+    # diagnostics: where the remaining error comes from
+    "w16": {"weight": {"bits": 16}},
+    "a16": {"activation": {"bits": 16}},
+    "input_float": {"quantize_input": False},
+    "head16": {"rules": [{"pattern": "layer:24", "weight": {"bits": 16}, "activation": {"bits": 16}}]},
+    "head_out16": {"rules": [{"pattern": "layer:24", "activation": {"bits": 16}}]},
+    "head_w16": {"rules": [{"pattern": "layer:24", "weight": {"bits": 16}}]},
+    # the head's logits: fixed int8 ranges +-8 (step 1/16) and +-4 (step 1/32) instead of the searched one
+    "head_k3": {"rules": [{"pattern": "layer:24", "activation": {"fixed_exponent": 3, "signed": True}}]},
+    "head_k2": {"rules": [{"pattern": "layer:24", "activation": {"fixed_exponent": 2, "signed": True}}]},
 }
 
 
@@ -78,8 +93,9 @@ class _StepTimes(logging.Handler):
 def _score(weights: str, data: str, imgsz: int, batch_size: int, workers: int, **kwargs) -> tuple[float, float]:
     import val
 
-    (_, _, map50, map5095, *_), _, _ = val.run(data=data, weights=weights, imgsz=imgsz, batch_size=batch_size,
-                                            workers=workers, plots=False, **kwargs)
+    with tempfile.TemporaryDirectory() as project:
+        (_, _, map50, map5095, *_), _, _ = val.run(data=data, weights=weights, imgsz=imgsz, batch_size=batch_size,
+                                                workers=workers, plots=False, project=project, **kwargs)
     return float(map50), float(map5095)
 
 
@@ -87,7 +103,7 @@ def run_variants(weights: str, data: str, imgsz: int, variants: list[str], calib
                  batch_size: int = 32, workers: int = 2, extra: dict[str, dict] | None = None) -> list[dict]:
     """Score the float model, then every variant; one dict per row."""
     table = {**VARIANTS, **(extra or {})}
-    unknown = [v for v in variants if v not in table]
+    unknown = [part for v in variants for part in v.split("+") if part not in table]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; known: {', '.join(table)}")
     base = yaml.safe_load((ROOT / "data" / "quant" / "default.yaml").read_text())
@@ -100,8 +116,11 @@ def run_variants(weights: str, data: str, imgsz: int, variants: list[str], calib
         rows.append({"variant": "float", "mAP50": map50, "mAP50-95": map5095, "seconds": time.perf_counter() - start})
         with tempfile.TemporaryDirectory() as tmp:
             for name in variants:
-                cfg_path = Path(tmp) / f"{name}.yaml"
-                cfg_path.write_text(yaml.safe_dump(merge_config(base, table[name]), sort_keys=False))
+                cfg_path = Path(tmp) / f"{name.replace('+', '_')}.yaml"
+                cfg = base
+                for part in name.split("+"):  # 'a+b': a's changes, then b's
+                    cfg = merge_config(cfg, table[part])
+                cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
                 timer.records.clear()
                 start = time.perf_counter()
                 map50, map5095 = _score(weights, data, imgsz, batch_size, workers, ptq=True,
@@ -118,14 +137,15 @@ def format_table(rows: list[dict], scored_on: str) -> str:
     """Markdown table: variant, mAP50, mAP50-95, drop in points vs float, step times."""
     ref = rows[0]["mAP50-95"]
     lines = [f"scored on: {scored_on}", "",
-             "| variant | mAP50 | mAP50-95 | drop (pt) | calibrate s | bias corr. s | total s |",
-             "|---|---|---|---|---|---|---|"]
+             "| variant | mAP50 | mAP50-95 | drop (pt) | calibrate s | learned rounding s | bias corr. s | total s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         drop = "-" if r["variant"] == "float" else f"{100 * (r['mAP50-95'] - ref):+.1f}"
         cal = f"{r['calibrate_s']:.1f}" if "calibrate_s" in r else "-"
         bias = f"{r['bias_correction_s']:.1f}" if r.get("bias_corrected") else "-"
-        lines.append(f"| {r['variant']} | {r['mAP50']:.3f} | {r['mAP50-95']:.3f} | {drop} | {cal} | {bias} | "
-                     f"{r['seconds']:.0f} |")
+        rounding = f"{r['learned_rounding_s']:.0f}" if r.get("learned_rounding_s") else "-"
+        lines.append(f"| {r['variant']} | {r['mAP50']:.3f} | {r['mAP50-95']:.3f} | {drop} | {cal} | {rounding} | "
+                     f"{bias} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 

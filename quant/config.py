@@ -157,6 +157,9 @@ class QuantConfig:
     # PTQ (and the calibration a QAT run starts from): remove the mean output shift weight
     # quantization causes, per conv channel (quant.bias_correction).
     bias_correction: bool = False
+    # PTQ: learn each weight's rounding direction on calibration images (quant.adaround) instead of
+    # rounding to nearest; slower (minutes on CPU for a small detector).
+    learned_rounding: bool = False
     rules: tuple = ()
     leaf_modules: tuple = ()
 
@@ -166,7 +169,7 @@ class QuantConfig:
                 raise ValueError(f"QuantConfig.{name} must be a QuantSpec, got {getattr(self, name)!r}")
         if self.bn_mode not in BN_MODES:
             raise ValueError(f"QuantConfig.bn_mode must be one of {BN_MODES}, got {self.bn_mode!r}")
-        for name in ("quantize_input", "bias_correction"):
+        for name in ("quantize_input", "bias_correction", "learned_rounding"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"QuantConfig.{name} must be true or false, got {getattr(self, name)!r}")
         rules = tuple(self.rules)
@@ -216,7 +219,7 @@ class QuantConfig:
             for name in ("weight", "activation", "input"):
                 if name in data:
                     kwargs[name] = _spec_from(getattr(base, name), data[name], f"{source}: {name}")
-            for name in ("quantize_input", "bn_mode", "bias_correction"):
+            for name in ("quantize_input", "bn_mode", "bias_correction", "learned_rounding"):
                 if name in data:
                     kwargs[name] = data[name]
             if "leaf_modules" in data:
@@ -246,6 +249,7 @@ class QuantConfig:
             "quantize_input": self.quantize_input,
             "bn_mode": self.bn_mode,
             "bias_correction": self.bias_correction,
+            "learned_rounding": self.learned_rounding,
             "rules": [rule.to_dict() for rule in self.rules],
             "leaf_modules": list(self.leaf_modules),
         }

@@ -49,14 +49,18 @@ def set_bn_frozen(model: nn.Module, frozen: bool) -> None:
 @dataclass(frozen=True)
 class QATSchedule:
     """Observers calibrate for the first `observer_epochs` epochs (fractions allowed); BN statistics
-    freeze from epoch `freeze_bn_epoch` on (a negative value never freezes)."""
+    freeze from epoch `freeze_bn_epoch` on (a negative value never freezes). `calibrated_before`: the
+    model was calibrated (PTQ) before training, so 0 observer epochs is valid (ranges stay as calibrated)."""
 
     observer_epochs: float = 1.0
     freeze_bn_epoch: int = 2
     min_observer_batches: int = 8
+    calibrated_before: bool = False
 
     def validate(self, batches_per_epoch: int) -> None:
         """Refuse schedules that would calibrate on (almost) nothing, e.g. 0.001 epochs."""
+        if self.observer_epochs == 0 and self.calibrated_before:
+            return
         batches = self.observer_batches(batches_per_epoch)
         if batches < min(self.min_observer_batches, batches_per_epoch):
             raise ValueError(f"--qat-observer-epochs {self.observer_epochs} gives {batches} calibration "

@@ -304,3 +304,38 @@ def test_quantizer_sync_makes_ranks_identical(tmp_path):
     assert not different, different[:5]
     for k in (k for k in after0 if k.endswith(".max_val") and "input" not in k):
         assert torch.equal(after0[k], torch.maximum(before0[k], before1[k])), k
+
+
+def test_qat_without_warmup_trains_at_lr0_from_the_first_step(qat_full):
+    """hyp.qat.yaml says warmup_epochs 0: no warmup floor, every group at lr0 in epoch 0 (upstream's
+    100-iteration floor used to keep short runs at ~1e-6)."""
+    import csv
+
+    import yaml
+
+    run = qat_full[1]
+    hyp = yaml.safe_load((run / "hyp.yaml").read_text())
+    assert hyp["warmup_epochs"] == 0
+    with open(run / "results.csv", newline="") as f:
+        first = {k.strip(): float(v) for k, v in next(csv.DictReader(f)).items()}
+    for group in ("x/lr0", "x/lr1", "x/lr2"):
+        assert first[group] == pytest.approx(hyp["lr0"], rel=1e-9), group
+
+
+def test_warmup_iterations_rule():
+    from utils.train_setup import warmup_iterations
+
+    assert warmup_iterations(0, 8) == 0 and warmup_iterations(0.0, 1000) == 0
+    assert warmup_iterations(3, 8) == 100  # upstream's floor when there is a warmup
+    assert warmup_iterations(3, 1000) == 3000
+
+
+def test_qat_never_refits_anchors(float_best, data_yaml, work, monkeypatch):
+    """AutoAnchor replacing the anchors of a trained, calibrated head would undo the float training."""
+    import utils.trainer as trainer_module
+
+    calls = []
+    monkeypatch.setattr(trainer_module, "check_anchors", lambda *args, **kwargs: calls.append(args))
+    train.run(weights=str(float_best), data=str(data_yaml), project=str(work), name="anchors",
+              **dict(QAT, epochs=1, save_period=-1))
+    assert calls == []

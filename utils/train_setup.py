@@ -27,7 +27,7 @@ REQUIRED_HYP_KEYS = ("lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", 
                      "warmup_bias_lr", "box", "cls", "cls_pw", "obj", "obj_pw", "iou_t", "anchor_t",
                      "fl_gamma", "hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear",
                      "perspective", "flipud", "fliplr", "mosaic", "mixup", "copy_paste")
-OPTIONAL_HYP_KEYS = ("anchors", "label_smoothing")  # upstream's commented-out anchors; set by the trainer
+OPTIONAL_HYP_KEYS = ("anchors", "label_smoothing", "ema_decay")  # upstream's commented-out anchors; set by the trainer; ours (EMA decay, 0 = off)
 
 
 def check_hyp(hyp: Any, source: str | Path = "hyp") -> dict:
@@ -102,6 +102,14 @@ def make_optimizer(model: nn.Module, name: str, hyp: dict, batch_size: int) -> t
     accumulate = max(round(NOMINAL_BATCH / batch_size), 1)
     hyp["weight_decay"] *= batch_size * accumulate / NOMINAL_BATCH
     return smart_optimizer(model, name, hyp["lr0"], hyp["momentum"], hyp["weight_decay"]), accumulate
+
+
+def warmup_iterations(warmup_epochs: float, batches_per_epoch: int) -> int:
+    """Warmup length in optimizer iterations: upstream's floor of 100 when there is a warmup at all,
+    none when the hyp says 0 (a short QAT run must train at the rate it asks for from step 0)."""
+    if warmup_epochs <= 0:
+        return 0
+    return max(round(warmup_epochs * batches_per_epoch), 100)
 
 
 def lr_lambda(cos_lr: bool, lrf: float, epochs: int):

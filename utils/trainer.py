@@ -38,7 +38,8 @@ from utils.plots import plot_images, plot_results
 from utils.torch_utils import EarlyStopping, ModelEMA, de_parallel, torch_distributed_zero_first, use_channels_last
 from utils.train_guard import NonFiniteLossError, StepGuard, StopOnSigint
 from utils.train_setup import (build_model, fitness, freeze_layers, get_rng_state, lr_lambda, make_optimizer,
-                               resume_from, scale_loss_gains, set_rng_state, strip_checkpoint, training_checkpoint)
+                               resume_from, scale_loss_gains, set_rng_state, strip_checkpoint, training_checkpoint,
+                               warmup_iterations)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class Trainer:
         self.amp = self.cuda
         self.amp_dtype = torch.float16  # QAT switches to bfloat16 (see _prepare_qat)
         self.qat = bool(getattr(opt, "qat", False))
+        self.qat_calibrated = False  # QAT: ranges calibrated before the first step (PTQ state or QAT checkpoint)
         self.wdir = self.save_dir / "weights"
         self.last, self.best = self.wdir / "last.pt", self.wdir / "best.pt"
         self.interrupted = False
@@ -111,7 +113,9 @@ class Trainer:
         self.optimizer, self.accumulate = make_optimizer(model, opt.optimizer, self.hyp, opt.batch_size)
         self.lf = lr_lambda(opt.cos_lr, self.hyp["lrf"], opt.epochs)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
-        self.ema = ModelEMA(model) if self.main else None
+        # hyp 'ema_decay' (ours; upstream's 0.9999 when absent): 0 validates the raw weights, as the
+        # earlier QAT attempt did by switching EMA off
+        self.ema = ModelEMA(model, decay=float(self.hyp.get("ema_decay", 0.9999))) if self.main else None
         self.best_fitness, self.start_epoch, self.train_state = 0.0, 0, {}
         if opt.resume:
             self.best_fitness, self.start_epoch, self.train_state = resume_from(
@@ -147,6 +151,7 @@ class Trainer:
 
         opt = self.opt
         if ckpt is not None and is_qat_checkpoint(ckpt):
+            self.qat_calibrated = True  # its ranges were calibrated by the run that wrote it
             state = ckpt.get("train_state_dict") or ckpt["state_dict"]
             prepared = rebuild_qat_model(Path(opt.weights), ckpt, state, self.device)
             LOGGER.info(f"QAT: continuing from the quantized checkpoint {opt.weights}")
@@ -154,6 +159,7 @@ class Trainer:
             graphs = self.save_dir / "graphs" if getattr(opt, "qat_graphs", False) and self.main else None
             prepared = prepare_qat_model(model, self.imgsz, opt.qat_config, graph_dir=graphs)
             n_calib = int(getattr(opt, "qat_calib_images", 0) or 0)
+            self.qat_calibrated = n_calib > 0
             if n_calib > 0:  # start from the PTQ state: every range calibrated before the first step
                 calibrate_on_training_images(prepared, self.data, self.imgsz, n_calib, self.device, opt.workers)
                 if self.rank != -1:
@@ -183,7 +189,10 @@ class Trainer:
                 hyp=self.hyp, cache=None if opt.noval else opt.cache, rect=True, rank=-1,
                 workers=opt.workers * 2, pad=0.5, prefix=colorstr("val: "))[0]
             if not opt.resume:
-                if not opt.noautoanchor:
+                if self.qat and not opt.noautoanchor:
+                    # the head was trained (and calibrated) for its anchors: new ones would undo that
+                    LOGGER.info(colorstr("AutoAnchor: ") + "skipped for QAT: the model keeps the anchors it was trained with")
+                elif not opt.noautoanchor:
                     check_anchors(self.dataset, model=model, thr=self.hyp["anchor_t"], imgsz=self.imgsz)
                 model.half().float()  # pre-reduce anchor precision, as upstream
 
@@ -207,7 +216,7 @@ class Trainer:
         """Train from ``start_epoch`` to ``opt.epochs``; returns the final validation results."""
         opt = self.opt
         self.nb = len(self.train_loader)
-        self.nw = max(round(self.hyp["warmup_epochs"] * self.nb), 100)
+        self.nw = warmup_iterations(self.hyp["warmup_epochs"], self.nb)
         self.last_opt_step = self.train_state.get("last_opt_step", -1)
         self.guard = StepGuard(NONFINITE_LIMIT, skipped=self.train_state.get("nonfinite_skipped", 0))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
@@ -216,7 +225,9 @@ class Trainer:
             from quant.schedule import QATSchedule, ScheduleState
 
             self.qat_schedule = ScheduleState(
-                QATSchedule(opt.qat_observer_epochs, opt.qat_freeze_bn_epoch), self.nb)
+                QATSchedule(opt.qat_observer_epochs, opt.qat_freeze_bn_epoch,
+                            calibrated_before=self.qat_calibrated), self.nb)
+        LOGGER.info(colorstr("schedule: ") + self._schedule_text())
         self.stopper = EarlyStopping(patience=opt.patience)
         self.logger = ResultsLogger(self.save_dir) if self.main else None
         self.scheduler.last_epoch = self.start_epoch - 1
@@ -324,9 +335,24 @@ class Trainer:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
 
+    def _schedule_text(self) -> str:
+        """The effective schedule in one line: what the run will really do, printed before it starts."""
+        opt, hyp = self.opt, self.hyp
+        lr0 = float(hyp["lr0"])
+        text = (f"lr {lr0:g} -> {lr0 * self.lf(opt.epochs - 1):g} ({'cosine' if opt.cos_lr else 'linear'} over "
+                f"{opt.epochs} epochs of {self.nb} batches), "
+                + (f"warmup {self.nw} iterations" if self.nw else "no warmup (lr0 from the first step)"))
+        if self.qat_schedule is not None:
+            sched = self.qat_schedule.schedule
+            obs = sched.observer_batches(self.nb)
+            text += (f"; QAT observers {'calibrate for ' + str(obs) + ' batches' if obs else 'frozen from the start'}"
+                     f", BN statistics " + (f"frozen from epoch {sched.freeze_bn_epoch}" if sched.freeze_bn_epoch >= 0
+                                            else "never frozen"))
+        return text
+
     def _warmup(self, ni: int, epoch: int) -> None:
         """Ramp accumulation, LRs (biases down from warmup_bias_lr, others up from 0) and momentum."""
-        if ni > self.nw:
+        if self.nw == 0 or ni > self.nw:
             return
         xi = [0, self.nw]
         self.accumulate = max(1, np.interp(ni, xi, [1, 64 / self.opt.batch_size]).round())

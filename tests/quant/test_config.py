@@ -47,8 +47,8 @@ def test_shipped_head_variants():
     names = {p.name for p in SHIPPED}
     assert {"default.yaml", "head_float.yaml", "head_fixed.yaml", "earlier_attempt.yaml"} <= names
     base = REPO / "data" / "quant"
-    quantize, _, act = QuantConfig.from_yaml(base / "default.yaml").resolve("model.24.m.0", 24)
-    assert quantize and act.rounding == "mse"
+    quantize, weight, act = QuantConfig.from_yaml(base / "default.yaml").resolve("model.24.m.0", 24)
+    assert quantize and act.rounding == "mse" and act.observer == "histogram" and weight.rounding == "ceil"
     assert QuantConfig.from_yaml(base / "head_float.yaml").resolve("model.24.m.2", 24)[0] is False
     assert QuantConfig.from_yaml(base / "head_float.yaml").resolve("model.23.cv1.conv", 23)[0] is True
     _, _, act = QuantConfig.from_yaml(base / "head_fixed.yaml").resolve("model.24.m.1", 24)

@@ -126,3 +126,13 @@ def test_schedule_state_observes_during_window(model):
     frozen = _observed(model)
     model(torch.rand(2, 3, 16, 16) * 10)
     assert _same(frozen, _observed(model))
+
+
+def test_zero_observer_epochs_only_after_calibration():
+    with pytest.raises(ValueError, match="--qat-observer-epochs 0"):
+        QATSchedule(observer_epochs=0).validate(10)
+    ready = QATSchedule(observer_epochs=0, calibrated_before=True)
+    ready.validate(10)
+    assert not any(ready.observers_on(e, b, 10) for e in range(3) for b in range(10))
+    with pytest.raises(ValueError, match="--qat-observer-epochs -1"):
+        QATSchedule(observer_epochs=-1, calibrated_before=True).validate(10)
