@@ -31,14 +31,22 @@ LOGGER = logging.getLogger(__name__)
 
 # name -> {"opt": train.py keyword changes, "hyp": hyp.qat.yaml changes}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "no_calib": {"opt": {"qat_calib_images": 0}},  # observers start in training (before this work)
-    "frozen_ranges": {"opt": {"qat_observer_epochs": 0}},  # ranges stay as PTQ calibrated them
+    "default": {},  # PTQ state first, ranges kept as calibrated, BN frozen from epoch 2, EMA on
+    "observe_epoch0": {"opt": {"qat_observer_epochs": 1}},  # observers keep running through epoch 0
+    "no_calib": {"opt": {"qat_calib_images": 0, "qat_observer_epochs": 1}},  # observers start in training
     "no_ema": {"hyp": {"ema_decay": 0.0}},
-    "ema": {"hyp": {"ema_decay": 0.9999}},
     "bn_frozen_0": {"opt": {"qat_freeze_bn_epoch": 0}},
     "bn_never_frozen": {"opt": {"qat_freeze_bn_epoch": -1}},
 }
+
+
+def _combined(name: str) -> dict[str, Any]:
+    """'a+b': a's changes, then b's."""
+    spec: dict[str, Any] = {"opt": {}, "hyp": {}}
+    for part in name.split("+"):
+        for key in ("opt", "hyp"):
+            spec[key].update(VARIANTS[part].get(key, {}))
+    return spec
 
 
 def _val(weights: str | Path, data: str, imgsz: int, workers: int, **kwargs) -> tuple[float, float]:
@@ -70,7 +78,7 @@ def _qat(name: str, spec: dict, weights: str, data: str, imgsz: int, epochs: int
 
 def run_recipes(weights: str, data: str, imgsz: int, epochs: int, variants: list[str], batch_size: int = 16,
                 workers: int = 2, export: bool = False, project: Path | None = None) -> list[dict]:
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [part for v in variants for part in v.split("+") if part not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
     project = Path(project or tempfile.mkdtemp(prefix="qat_recipe_"))
@@ -79,7 +87,7 @@ def run_recipes(weights: str, data: str, imgsz: int, epochs: int, variants: list
             {"variant": "PTQ (default config)",
              **dict(zip(("mAP50", "mAP50-95"), _val(weights, data, imgsz, workers, ptq=True, calib_images=512)))}]
     for name in variants:
-        (map50, map5095), best, per_epoch = _qat(name, VARIANTS[name], weights, data, imgsz, epochs, batch_size,
+        (map50, map5095), best, per_epoch = _qat(name.replace("+", "_"), _combined(name), weights, data, imgsz, epochs, batch_size,
                                                  workers, project)
         row = {"variant": f"QAT {name}", "mAP50": map50, "mAP50-95": map5095, "s_per_epoch": per_epoch}
         if export:
@@ -113,7 +121,8 @@ def parse_opt(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--variants", default="default,no_calib,frozen_ranges,no_ema")
+    p.add_argument("--variants", default="default,observe_epoch0,no_calib,observe_epoch0+no_ema",
+                   help="comma-separated names from VARIANTS; 'a+b' combines them")
     p.add_argument("--export", action="store_true", help="also export each QAT model to QDQ ONNX and score it")
     p.add_argument("--project", default=None, help="where the QAT runs go (default: a temporary folder)")
     p.add_argument("--json", default=None)

@@ -15,8 +15,7 @@ DATA=datasets/synthetic/synthetic.yaml
 "$PY" train.py --data "$DATA" --cfg yolov5p.yaml --weights '' --act relu --img "$IMG" \
   --epochs "$FLOAT_EPOCHS" --batch-size 32 --workers 2 --project "$OUT" --name float --exist-ok --noplots --noval
 "$PY" train.py --qat --weights "$OUT/float/weights/best.pt" --data "$DATA" --img "$IMG" \
-  --epochs "$QAT_EPOCHS" --batch-size 32 --workers 2 --project "$OUT" --name qat --exist-ok --noplots \
-  --qat-observer-epochs 1 --qat-freeze-bn-epoch 2
+  --epochs "$QAT_EPOCHS" --batch-size 32 --workers 2 --project "$OUT" --name qat --exist-ok --noplots
 "$PY" export.py --weights "$OUT/qat/weights/best.pt" --img "$IMG" --include onnx
 "$PY" scripts/summary.py --data "$DATA" --img "$IMG" --float "$OUT/float/weights/best.pt" \
   --qat "$OUT/qat/weights/best.pt" --onnx "$OUT/qat/weights/best.onnx" --project "$OUT"

@@ -52,6 +52,20 @@ def data_yaml(work) -> Path:
 
 
 @pytest.fixture(scope="module")
+def warm_qat_hyp(work) -> str:
+    """hyp.qat.yaml with a warmup: with no warmup, 2 batches of 8 per epoch accumulate gradients towards
+    upstream's nominal batch of 64 and take no optimizer step in 3 epochs; the warmup ramps accumulation
+    from 1, so these short runs train."""
+    import yaml
+
+    hyp = yaml.safe_load((REPO / "data" / "hyps" / "hyp.qat.yaml").read_text())
+    hyp["warmup_epochs"] = 1.0
+    path = work / "hyp.qat_warmup.yaml"
+    path.write_text(yaml.safe_dump(hyp, sort_keys=False))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
 def float_best(work, data_yaml) -> Path:
     train.run(cfg="yolov5p.yaml", weights="", act="relu", data=str(data_yaml), epochs=1, project=str(work),
               name="float", **BASE)
@@ -59,18 +73,18 @@ def float_best(work, data_yaml) -> Path:
 
 
 @pytest.fixture(scope="module")
-def qat_full(work, data_yaml, float_best) -> tuple[tuple, Path]:
+def qat_full(work, data_yaml, float_best, warm_qat_hyp) -> tuple[tuple, Path]:
     """(final results, run folder) of an uninterrupted QAT run with Graphviz output."""
     results = train.run(weights=str(float_best), data=str(data_yaml), project=str(work), name="full",
-                        qat_graphs=True, **QAT)
+                        qat_graphs=True, hyp=warm_qat_hyp, **QAT)
     return results, work / "full"
 
 
 @pytest.fixture(scope="module")
-def qat_resumed(work, data_yaml, float_best) -> Path:
+def qat_resumed(work, data_yaml, float_best, warm_qat_hyp) -> Path:
     """The same QAT run, stopped after epoch 0 and resumed from its last.pt; returns its folder."""
     train.run(weights=str(float_best), data=str(data_yaml), project=str(work), name="cut", qat_graphs=True,
-              _stop_after_epoch=0, **QAT)
+              hyp=warm_qat_hyp, _stop_after_epoch=0, **QAT)
     last = work / "cut" / "weights" / "last.pt"
     assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 0
     train.run(resume=str(last))
@@ -165,7 +179,10 @@ def test_val_reproduces_final_training_validation(qat_full, data_yaml, work):
     loss = ComputeLoss(model, hyp=_ckpt(best)["hyp"])
     again, _, _ = val.run(data=str(data_yaml), weights=str(best), imgsz=IMGSZ, batch_size=2 * BATCH, workers=0,
                           device="cpu", project=str(work / "val"), plots=False, compute_loss=loss)
-    assert _floats(again) == _floats(results)
+    assert _floats(again)[:4] == _floats(results)[:4]  # P, R, mAP50, mAP50-95 exactly
+    # The losses agree to float32 rounding: training's ComputeLoss reads the anchors of the training model,
+    # this one those of the (EMA) checkpoint, which can differ in the last bits.
+    assert _floats(again)[4:] == pytest.approx(_floats(results)[4:], rel=1e-5)
     assert all(x > 0 for x in again[4:])  # the losses see every prediction: identical outputs, not just mAP 0
 
 
@@ -230,7 +247,11 @@ def test_validation_never_changes_quantizer_state(fresh_prepared, data_yaml, cap
     assert "act_quant.model_2_concat" in caplog.text and "2^" in caplog.text  # the --qat-report table
 
 
-def test_shared_quantizer_aggregates_each_forward(fresh_prepared):
+def test_shared_quantizer_aggregates_each_forward(float_best):
+    model, _ = load_model(float_best)
+    config = QuantConfig.from_dict({"activation": {"observer": "ema_minmax", "rounding": "round"},
+                                    "leaf_modules": ["Detect"]})
+    fresh_prepared = prepare_qat_model(model, IMGSZ, config).train()
     q = fresh_prepared.get_submodule(f"{ACT_QUANT}.model_2_concat")
     seen: list[float] = []
     q.register_forward_pre_hook(lambda _m, args: seen.append(float(args[0].detach().max())))
@@ -306,14 +327,22 @@ def test_quantizer_sync_makes_ranks_identical(tmp_path):
         assert torch.equal(after0[k], torch.maximum(before0[k], before1[k])), k
 
 
-def test_qat_without_warmup_trains_at_lr0_from_the_first_step(qat_full):
+def test_qat_defaults_no_warmup_no_autoanchor(float_best, data_yaml, work, monkeypatch):
     """hyp.qat.yaml says warmup_epochs 0: no warmup floor, every group at lr0 in epoch 0 (upstream's
-    100-iteration floor used to keep short runs at ~1e-6)."""
+    100-iteration floor used to keep short runs at ~1e-6); and AutoAnchor never replaces the anchors of
+    the trained, calibrated head."""
     import csv
 
     import yaml
 
-    run = qat_full[1]
+    import utils.trainer as trainer_module
+
+    calls = []
+    monkeypatch.setattr(trainer_module, "check_anchors", lambda *args, **kwargs: calls.append(args))
+    train.run(weights=str(float_best), data=str(data_yaml), project=str(work), name="defaults",
+              **dict(QAT, epochs=1, save_period=-1))
+    assert calls == []
+    run = work / "defaults"
     hyp = yaml.safe_load((run / "hyp.yaml").read_text())
     assert hyp["warmup_epochs"] == 0
     with open(run / "results.csv", newline="") as f:
@@ -328,14 +357,3 @@ def test_warmup_iterations_rule():
     assert warmup_iterations(0, 8) == 0 and warmup_iterations(0.0, 1000) == 0
     assert warmup_iterations(3, 8) == 100  # upstream's floor when there is a warmup
     assert warmup_iterations(3, 1000) == 3000
-
-
-def test_qat_never_refits_anchors(float_best, data_yaml, work, monkeypatch):
-    """AutoAnchor replacing the anchors of a trained, calibrated head would undo the float training."""
-    import utils.trainer as trainer_module
-
-    calls = []
-    monkeypatch.setattr(trainer_module, "check_anchors", lambda *args, **kwargs: calls.append(args))
-    train.run(weights=str(float_best), data=str(data_yaml), project=str(work), name="anchors",
-              **dict(QAT, epochs=1, save_period=-1))
-    assert calls == []
