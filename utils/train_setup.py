@@ -119,11 +119,6 @@ def scale_loss_gains(hyp: dict, nl: int, nc: int, imgsz: int, label_smoothing: f
     return hyp
 
 
-def fitness(results: tuple | list) -> float:
-    """0.1 * mAP50 + 0.9 * mAP50-95 of (P, R, mAP50, mAP50-95, ...)."""
-    return 0.1 * float(results[2]) + 0.9 * float(results[3])
-
-
 def get_rng_state() -> dict:
     """torch, numpy and python random states as plain data (loadable with weights_only=True)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
