@@ -26,18 +26,19 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-import val as validate
 from utils.autoanchor import check_anchors
 from utils.callbacks_log import ResultsLogger
 from utils.checkpoint import load_model, save_checkpoint
 from utils.data_config import check_img_size, load_data_config
 from utils.dataset import create_dataloader
+from utils.evaluate import EvalOptions, result_tuple, validate
 from utils.log import TQDM_BAR_FORMAT, colorstr
 from utils.loss import ComputeLoss
 from utils.plots import plot_images, plot_results
 from utils.torch_utils import EarlyStopping, ModelEMA, de_parallel, torch_distributed_zero_first, use_channels_last
 from utils.train_guard import NonFiniteLossError, StepGuard, StopOnSigint
-from utils.train_setup import (build_model, fitness, freeze_layers, get_rng_state, lr_lambda, make_optimizer,
+from utils.metrics import fitness
+from utils.train_setup import (build_model, freeze_layers, get_rng_state, lr_lambda, make_optimizer,
                                resume_from, scale_loss_gains, set_rng_state, strip_checkpoint, training_checkpoint)
 
 LOGGER = logging.getLogger(__name__)
@@ -377,10 +378,8 @@ class Trainer:
             self.ema.update_attr(self.model, include=["yaml", "nc", "hyp", "names", "stride"])
             final_epoch = (epoch + 1 == self.opt.epochs) or self.stopper.possible_stop
             if not self.opt.noval or final_epoch:
-                self.results, self.maps, _ = validate.run(
-                    self.data, batch_size=self.opt.batch_size // self.world_size * 2, imgsz=self.imgsz,
-                    half=self.amp and not self.qat, model=self.ema.ema, single_cls=self.opt.single_cls, dataloader=self.val_loader,
-                    save_dir=self.save_dir, plots=False, compute_loss=self.compute_loss)
+                self.results, self.maps, _ = result_tuple(validate(
+                    self.ema.ema, self.val_loader, self.data, self._eval_options(), compute_loss=self.compute_loss))
             fi = fitness(self.results)
             stop = self.stopper(epoch=epoch, fitness=fi)
             self.best_fitness = max(self.best_fitness, fi)
@@ -394,6 +393,10 @@ class Trainer:
             dist.broadcast_object_list(flag, 0)
             stop = flag[0]
         return stop
+
+    def _eval_options(self, iou_thres: float = 0.6) -> EvalOptions:
+        """val.py's defaults; fp16 under float AMP only (a QAT model validates as it trains)."""
+        return EvalOptions(iou_thres=iou_thres, single_cls=self.opt.single_cls, half=self.amp and not self.qat)
 
     def _train_state(self) -> dict:
         """Loop bookkeeping and every random stream, so a resumed run continues bit for bit."""
@@ -438,11 +441,10 @@ class Trainer:
         if self.best.exists():
             LOGGER.info(f"\nValidating {self.best}...")
             model, _ = load_model(self.best, device=self.device, fuse=True)
-            self.results, _, _ = validate.run(
-                self.data, batch_size=self.opt.batch_size // self.world_size * 2, imgsz=self.imgsz, model=model,
-                half=self.amp and not self.qat, iou_thres=0.65 if self.is_coco else 0.60, single_cls=self.opt.single_cls,
-                dataloader=self.val_loader, save_dir=self.save_dir, verbose=True, plots=not self.opt.noplots,
-                compute_loss=self.compute_loss)
+            options = self._eval_options(iou_thres=0.65 if self.is_coco else 0.60)
+            self.results, _, _ = result_tuple(validate(
+                model, self.val_loader, self.data, options, compute_loss=self.compute_loss, save_dir=self.save_dir,
+                plots=not self.opt.noplots, per_class=True))
         if not self.opt.noplots and (self.save_dir / "results.csv").exists():
             plot_results(self.save_dir / "results.csv")
         LOGGER.info(f"Results saved to {colorstr('bold', str(self.save_dir))}")
