@@ -141,12 +141,14 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
 
 
 def _is_quantized(model) -> bool:
-    return hasattr(model, "qat_config")
+    from utils.qat import is_prepared
+
+    return is_prepared(model)
 
 
 def _load_for_val(weights, device, imgsz, data, ptq, calib_images, qat_config, workers):
     """(model, rect batches?, image size) for a .pt (float, QAT, or float+PTQ) or .onnx file."""
-    from utils.checkpoint import load_model
+    from utils.qat import load_model
 
     if Path(str(weights)).suffix == ".onnx":
         from utils.onnx_backend import load_onnx_model

@@ -99,8 +99,12 @@ class QuantPlan(list):
 
 class PreparedModel(fx.GraphModule):
     """The prepared model: a GraphModule that keeps the original module hierarchy (``model.model[-1]``
-    still finds a YOLO head), the original's plain attributes (``stride``, ``names``, ...) and
-    ``plan``.  Deep copies (EMA) keep those attributes too."""
+    still finds a YOLO head), the original's plain attributes (``stride``, ``names``, ...), ``plan``,
+    the ``quant_config`` it was prepared with and the ``example_shape`` of its (first) example input,
+    which is all it takes to prepare it again.  Deep copies (EMA) keep those attributes too."""
+
+    quant_config: QuantConfig
+    example_shape: tuple[int, ...]
 
     def __deepcopy__(self, memo: dict) -> "PreparedModel":
         res = super().__deepcopy__(memo)
@@ -446,6 +450,7 @@ def prepare(model: nn.Module, example_inputs: Union[torch.Tensor, tuple], config
     order = [n.name for n in graph.nodes]
     quant_of = _insert_act_quantizers(ctx)
     prepared = _build_module(ctx, model, _build_plan(ctx, order, quant_of))
+    prepared.quant_config, prepared.example_shape = config, tuple(inputs[0].shape)
     if param is not None:
         prepared.to(param.device)
     prepared.train(model.training)

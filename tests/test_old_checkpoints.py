@@ -14,7 +14,10 @@ import pytest
 import torch
 
 import val
-from utils.checkpoint import load_model
+from quant.prepare import PreparedModel
+from utils.checkpoint import FORMAT, read_checkpoint
+from utils.names import normalise_names
+from utils.qat import is_prepared, load_model, qat_checkpoint_entry
 from utils.loss import ComputeLoss
 from utils.synthetic import make_synthetic_dataset
 
@@ -63,3 +66,35 @@ def test_old_checkpoint_validates_as_before(kind, data_yaml, tmp_path):
     results, _, _ = val.run(str(data_yaml), weights=str(path), imgsz=64, batch_size=4, workers=0, device="cpu",
                             plots=False, project=str(tmp_path), name=kind, compute_loss=loss)
     assert [float(x) for x in results] == pytest.approx(list(EXPECTED[kind][2]), rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["float", "qat"])
+def test_reader_returns_a_typed_record(kind):
+    record = read_checkpoint(DATA / f"ckpt_v1_{kind}.pt")
+    assert record.format == FORMAT and record.weights == "state_dict" and record.epoch == -1
+    assert record.names == NAMES and all(isinstance(k, int) for k in record.names)
+    assert record.stride == [8.0, 16.0, 32.0] and record.yaml["nc"] == 6
+    assert record.train_state is record.state  # stripped: no separate training weights
+    if kind == "qat":
+        assert record.quant["version"] == 1 and record.quant["imgsz"] == 64
+    else:
+        assert record.quant is None
+
+
+def test_qat_checkpoint_rebuilds_a_prepared_model_that_saves_the_same_entry():
+    record = read_checkpoint(DATA / "ckpt_v1_qat.pt")
+    model, meta = load_model(record.path)
+    assert isinstance(model, PreparedModel) and is_prepared(model) and meta["qat"]
+    assert model.example_shape == (1, 3, 64, 64)
+    assert qat_checkpoint_entry(model) == record.quant
+    assert not is_prepared(load_model(DATA / "ckpt_v1_float.pt")[0])
+
+
+def test_normalise_names():
+    assert normalise_names(["a", "b"]) == {0: "a", 1: "b"}
+    assert normalise_names({"1": "b", 0: "a"}) == {1: "b", 0: "a"}
+    assert normalise_names(None) == {} and normalise_names([]) == {}
+    with pytest.raises(ValueError, match="data.yaml: class names must be a list or a mapping"):
+        normalise_names("abc", "data.yaml")
+    with pytest.raises(ValueError, match="keys must be integers"):
+        normalise_names({"x": "a"})

@@ -27,7 +27,7 @@ from quant.fake_quant import Pow2FakeQuantize
 from quant.prepare import ACT_QUANT, prepare
 from quant.schedule import iter_quantizers
 from quant.report import quantizer_table
-from utils.checkpoint import load_model
+from utils.qat import load_model
 from utils.data_config import load_data_config
 from utils.dataset import create_dataloader
 from utils.evaluate import EvalOptions, validate

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 import yaml
 
+from utils.names import normalise_names
 from utils.onnx_backend import import_optional
 from utils.onnx_check import FLOAT_TOL, HALF_TOL, CheckResult, sample_batch, verify_onnx
 from utils.onnx_export import (ExportError, OnnxOptions, build_metadata, check_include, export_onnx_float,
@@ -97,11 +98,9 @@ def names_from_data(data: str | Path, nc: int) -> dict[int, str]:
     with open(path, encoding="utf-8") as fh:
         cfg = yaml.safe_load(fh)
     names = cfg.get("names") if isinstance(cfg, dict) else None
-    if isinstance(names, (list, tuple)):
-        names = dict(enumerate(names))
-    if not isinstance(names, dict) or not names:
+    if not isinstance(names, (list, tuple, dict)) or not names:
         raise ExportError(f"{path}: no 'names' list or mapping in the dataset yaml")
-    names = {int(k): str(v) for k, v in names.items()}
+    names = normalise_names(names, str(path))
     if len(names) != nc:
         raise ExportError(f"{path}: has {len(names)} class names but the model has {nc} classes")
     return names
@@ -202,7 +201,7 @@ def _output_dir(weights: Path) -> Path:
 
 
 def _load(weights: Path, device: torch.device, half: bool) -> tuple[torch.nn.Module, dict]:
-    from utils.checkpoint import load_model
+    from utils.qat import load_model
 
     model, meta = load_model(weights, device="cpu", fuse=True)
     model = model.to(device if half else torch.device("cpu"))  # fp16 only exports on CUDA

@@ -28,13 +28,14 @@ from tqdm import tqdm
 
 from utils.autoanchor import check_anchors
 from utils.callbacks_log import ResultsLogger
-from utils.checkpoint import load_model, save_checkpoint
+from utils.checkpoint import CheckpointRecord, save_checkpoint
 from utils.data_config import check_img_size, load_data_config
 from utils.dataset import create_dataloader
 from utils.evaluate import EvalOptions, result_tuple, validate
 from utils.log import TQDM_BAR_FORMAT, colorstr
 from utils.loss import ComputeLoss
 from utils.plots import plot_images, plot_results
+from utils.qat import load_model
 from utils.torch_utils import EarlyStopping, ModelEMA, de_parallel, torch_distributed_zero_first, use_channels_last
 from utils.train_guard import NonFiniteLossError, StepGuard, StopOnSigint
 from utils.metrics import fitness
@@ -100,11 +101,11 @@ class Trainer:
         self.names = {0: "item"} if opt.single_cls and len(names) != 1 else dict(names)
         self.is_coco = str(self.data.get("val", "")).endswith("coco/val2017.txt")
 
-        model, ckpt = build_model(opt.weights, opt.cfg, self.nc, self.hyp, opt.act, opt.resume, self.device)
+        model, record = build_model(opt.weights, opt.cfg, self.nc, self.hyp, opt.act, opt.resume, self.device)
         self.gs = max(int(model.stride.max()), 32)
         self.imgsz = check_img_size(opt.imgsz, self.gs, floor=self.gs * 2)
         if getattr(opt, "qat", False):
-            model = self._prepare_qat(model, ckpt)
+            model = self._prepare_qat(model, record)
         self.channels_last = use_channels_last(getattr(opt, "memory_format", "auto"), self.device)
         if self.channels_last:  # parameters keep their identity: the optimizer and EMA see NHWC tensors
             model = model.to(memory_format=torch.channels_last)
@@ -116,9 +117,9 @@ class Trainer:
         self.best_fitness, self.start_epoch, self.train_state = 0.0, 0, {}
         if opt.resume:
             self.best_fitness, self.start_epoch, self.train_state = resume_from(
-                ckpt, model, self.optimizer, self.ema, opt.weights, opt.epochs)
+                record.raw, model, self.optimizer, self.ema, opt.weights, opt.epochs)
             self.accumulate = self.train_state.get("accumulate", self.accumulate)
-        del ckpt
+        del record
         if opt.sync_bn and self.rank != -1:
             if self.cuda:
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(self.device)
@@ -136,19 +137,18 @@ class Trainer:
         LOGGER.info(colorstr("compile: ") + "torch.compile on the training forward; the first steps compile")
         return torch.compile(model)
 
-    def _prepare_qat(self, model: nn.Module, ckpt: dict | None) -> nn.Module:
+    def _prepare_qat(self, model: nn.Module, record: CheckpointRecord | None) -> nn.Module:
         """Swap in the fake-quantized model: rebuilt from a QAT checkpoint, or prepared from float weights.
 
         AMP under QAT: autocast runs in bfloat16 (float32's range, so no overflowing steps and no
         GradScaler); activations are fake-quantized in bfloat16 directly, which is exact for power-of-2
         scales (see quant/fake_quant.py).
         """
-        from utils.qat import is_qat_checkpoint, prepare_qat_model, rebuild_qat_model
+        from utils.qat import prepare_qat_model, rebuild_qat_model
 
         opt = self.opt
-        if ckpt is not None and is_qat_checkpoint(ckpt):
-            state = ckpt.get("train_state_dict") or ckpt["state_dict"]
-            prepared = rebuild_qat_model(Path(opt.weights), ckpt, state, self.device)
+        if record is not None and record.quant is not None:
+            prepared = rebuild_qat_model(record, record.train_state, self.device)
             LOGGER.info(f"QAT: continuing from the quantized checkpoint {opt.weights}")
         else:
             graphs = self.save_dir / "graphs" if getattr(opt, "qat_graphs", False) and self.main else None

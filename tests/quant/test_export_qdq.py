@@ -132,7 +132,7 @@ def test_qdq_map_matches_pytorch(tmp_path, shared_dir):
     """PTQ of the official yolov5n (SiLU stays float), exported QDQ: val mAP equal within 0.002."""
     import val
     from quant.calibrate import calibrate
-    from utils.checkpoint import load_model
+    from utils.qat import load_model
 
     images = sorted((shared_dir / "datasets" / "coco128" / "images" / "train2017").glob("*.jpg"))[:32]
     if len(images) < 32:
