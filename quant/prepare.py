@@ -48,7 +48,9 @@ from quant.config import QuantConfig, QuantSpec
 from quant.fake_quant import Pow2FakeQuantize
 from quant.fused import QATConv, QATConvBnAct
 from quant.graph import (Chain, activation_kind, find_alignment_groups, find_conv_bn_act, group_of,
-                         is_pass_through, merge_groups, owner_name, resolve_producer, trace, write_graphviz)
+                         input_quantizer_of, is_pass_through, leaf_conv_inputs, merge_groups, owner_name,
+                         resolve_producer, set_submodule, trace)
+from quant.graphviz import write_graphviz
 
 __all__ = ["ACT_QUANT", "PlanEntry", "QuantPlan", "PreparedModel", "prepare"]
 
@@ -135,15 +137,6 @@ class _Ctx:
     entries: dict[str, PlanEntry] = field(default_factory=dict)  # node name -> plan row
 
 
-def _set_submodule(root: nn.Module, name: str, module: Optional[nn.Module]) -> None:
-    parent, _, attr = name.rpartition(".")
-    owner = root.get_submodule(parent) if parent else root
-    if module is None:
-        delattr(owner, attr)
-    else:
-        setattr(owner, attr, module)
-
-
 def _key(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z_]", "_", name) or "root"
 
@@ -186,12 +179,12 @@ def _fuse_chain(ctx: _Ctx, chain: Chain, nodes: dict[str, fx.Node], targets: set
     chain_nodes[-1].replace_all_uses_with(new)
     for node in reversed(chain_nodes):
         ctx.graph.erase_node(node)
-    _set_submodule(ctx.root, place, fused)
+    set_submodule(ctx.root, place, fused)
     if place == chain.conv:  # the block keeps its other children; drop the ones now inside `fused`
         remaining = {n.target for n in ctx.graph.nodes if n.op in ("call_module", "get_attr")}
         for name in (chain.bn, chain.act if chain.fused_act and act_is_module else None):
             if name and name not in remaining:
-                _set_submodule(ctx.root, name, None)
+                set_submodule(ctx.root, name, None)
     ctx.producers[new.name] = _Producer(aspec, "conv", _key(place), unsigned=chain.fused_act is not None)
     ctx.consumers.add(new.name)
     note = ""
@@ -222,7 +215,7 @@ def _swap_leaf_convs(ctx: _Ctx) -> None:
                 continue
             signed = True if aspec.signed is None else aspec.signed
             out_fq = Pow2FakeQuantize(aspec, signed=signed)
-            _set_submodule(ctx.root, name, QATConv(conv, _weight_quantizer(wspec, conv.out_channels), out_fq))
+            set_submodule(ctx.root, name, QATConv(conv, _weight_quantizer(wspec, conv.out_channels), out_fq))
             ctx.consumers.add(node.name)
             ctx.entries[row] = PlanEntry(name, "head_conv", layer, "conv", wspec, aspec, signed, f"{name}.out_quant")
 
@@ -466,14 +459,6 @@ def prepare(model: nn.Module, example_inputs: Union[torch.Tensor, tuple], config
     return prepared
 
 
-def _quantizer_feeding(gm: fx.GraphModule, node: Any) -> Optional[Pow2FakeQuantize]:
-    src = resolve_producer(gm, node) if isinstance(node, fx.Node) else None
-    if src is None or src.op != "call_module":
-        return None
-    module = gm.get_submodule(str(src.target))
-    return module if isinstance(module, Pow2FakeQuantize) else None
-
-
 def link_input_quantizers(gm: fx.GraphModule) -> None:
     """Tell every quantized conv which quantizer feeds it, so its bias can sit on the int32 grid
     s_in * s_w as in the integer model. A leaf module (detection head) called with N tensors applies
@@ -483,13 +468,10 @@ def link_input_quantizers(gm: fx.GraphModule) -> None:
             continue
         module = gm.get_submodule(str(node.target))
         if isinstance(module, QATConvBnAct):
-            module.link_input_quantizer(_quantizer_feeding(gm, node.args[0]))
+            module.link_input_quantizer(input_quantizer_of(gm, node.args[0]))
         elif not isinstance(module, QATConv) and any(isinstance(m, QATConv) for m in module.modules()):
-            convs = [m for m in module.modules() if isinstance(m, QATConv)]
-            args = node.args[0] if node.args and isinstance(node.args[0], (list, tuple)) else node.args
-            if len(args) == len(convs):
-                for conv, arg in zip(convs, args):
-                    conv.link_input_quantizer(_quantizer_feeding(gm, arg))
+            for _, conv, arg in leaf_conv_inputs(gm, node):
+                conv.link_input_quantizer(input_quantizer_of(gm, arg))
 
 
 def begin_observation_step(module: nn.Module, _args) -> None:

@@ -129,37 +129,41 @@ def _verify(file: Path, model: torch.nn.Module, options: OnnxOptions, inputs: li
     return checks
 
 
-def _raw_twin(file: Path, prepared: torch.nn.Module, im: torch.Tensor, options: OnnxOptions, tmp: Path) -> Path:
-    """The raw-head file to compare: ``file`` itself, or a raw-head export of the same model in ``tmp``."""
+def _raw_twin(file: Path, prepared: torch.nn.Module, im: torch.Tensor, options: OnnxOptions, tmp: Path,
+              converted: torch.nn.Module) -> Path:
+    """The raw-head file to compare: ``file`` itself, or a raw-head export of the same converted model in ``tmp``."""
     if options.raw_head:
         return file
     from dataclasses import replace
 
     twin = tmp / f"{file.stem}_raw.onnx"
-    export_onnx_qdq(prepared, im, twin, replace(options, raw_head=True))
+    export_onnx_qdq(prepared, im, twin, replace(options, raw_head=True), converted=converted)
     return twin
 
 
-def verify_qdq(file: Path, prepared: torch.nn.Module, inputs: list[torch.Tensor], options: OnnxOptions) -> list[QdqCheck]:
+def verify_qdq(file: Path, prepared: torch.nn.Module, inputs: list[torch.Tensor], options: OnnxOptions,
+               converted: torch.nn.Module | None = None) -> list[QdqCheck]:
     """Compare the QDQ file's raw head maps in onnxruntime with PyTorch's (see QdqCheck for the rule).
 
     A decoded file is checked through a raw-head twin exported to a temporary folder (the decoded
     output mixes box pixels and sigmoid scores, whose errors are not in quantization steps); the
-    decoded file itself must load and run. See QDQ_MIN_FRACTION for the rule.
+    decoded file itself must load and run. See QDQ_MIN_FRACTION for the rule. ``converted`` is the
+    export's converted module (:class:`quant.export.QdqExport`); without it the model is converted here.
     """
     import tempfile
 
     from quant.export import convert_for_export
     from quant.qdq_onnx import output_steps
 
+    converted = converted if converted is not None else convert_for_export(prepared).float()
     onnx = import_optional("onnx", "checking the exported ONNX model")
     ort = import_optional("onnxruntime", "checking the exported ONNX model")
     checks = []
     with tempfile.TemporaryDirectory() as tmp:
-        raw = _raw_twin(file, prepared, inputs[0], options, Path(tmp))
+        raw = _raw_twin(file, prepared, inputs[0], options, Path(tmp), converted)
         steps = output_steps(onnx.load(str(raw)))
         sessions = [ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]) for f in dict.fromkeys([raw, file])]
-        folded = prepare_for_export(convert_for_export(prepared), raw_head=True)
+        folded = prepare_for_export(converted, raw_head=True)
         qat = prepare_for_export(prepared, raw_head=True)
         for x in inputs:
             feeds = {sessions[0].get_inputs()[0].name: x.float().numpy()}
@@ -281,10 +285,10 @@ def _export_qat(model: torch.nn.Module, im: torch.Tensor, file: Path, options: O
     quant = {"scheme": QUANT_SCHEME, "ranges": ranges_file.name}
     metadata = build_metadata(model, names, size, batch_size, options, source=weights.name, quant=quant)
     LOGGER.info("ONNX: QAT checkpoint, exporting INT8 QDQ (power-of-2 scales)")
-    ranges = export_onnx_qdq(model, im, file, options, metadata)
-    ranges_file.write_text(json.dumps(ranges, indent=1), encoding="utf-8")
+    exported = export_onnx_qdq(model, im, file, options, metadata)
+    ranges_file.write_text(json.dumps(exported.ranges, indent=1), encoding="utf-8")
     LOGGER.info("ONNX: quantization ranges saved to %s", ranges_file)
-    checks = verify_qdq(file, model, inputs, options)
+    checks = verify_qdq(file, model, inputs, options, converted=exported.converted)
     for check in checks:
         LOGGER.info("ONNX QDQ check: onnxruntime vs PyTorch QAT, %s", check.line())
     if any(c.qat_within < QDQ_MIN_FRACTION for c in checks):
