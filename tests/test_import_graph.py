@@ -105,3 +105,9 @@ def test_no_import_cycles():
 def test_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_models_import_only_models():
+    bad = sorted(f"{m} imports {d}" for m, deps in import_graph().items() if m.split(".")[0] == "models"
+                 for d in deps if d.split(".")[0] != "models")
+    assert not bad, "models/ builds detectors from yaml alone: " + "; ".join(bad)
