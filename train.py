@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 import yaml
 
 from utils.torch_utils import MEMORY_FORMATS
+from utils.train_config import DistContext, TrainConfig
 
 LOGGER = logging.getLogger("train")
 ROOT = Path(__file__).resolve().parent
@@ -121,17 +121,17 @@ def _find_weights(weights: str) -> str:
                             "or train from scratch with --weights '' --cfg yolov5n.yaml)")
 
 
-def _init_distributed(opt: argparse.Namespace) -> tuple[torch.device, bool]:
+def _init_distributed(opt: argparse.Namespace, ctx: DistContext) -> tuple[torch.device, bool]:
     """Device for this process; joins the process group under torchrun (LOCAL_RANK set)."""
     from utils.torch_utils import select_device
 
-    local_rank = int(os.getenv("LOCAL_RANK", -1))
+    local_rank = ctx.local_rank
     device = select_device(opt.device, batch_size=opt.batch_size)
     if local_rank == -1:
         return device, False
     import torch.distributed as dist
 
-    world = int(os.getenv("WORLD_SIZE", 1))
+    world = ctx.world_size
     if opt.batch_size % world:
         raise ValueError(f"--batch-size {opt.batch_size} must be a multiple of WORLD_SIZE {world}")
     if device.type == "cuda":
@@ -143,11 +143,11 @@ def _init_distributed(opt: argparse.Namespace) -> tuple[torch.device, bool]:
     return device, created
 
 
-def _make_save_dir(opt: argparse.Namespace) -> Path:
+def _make_save_dir(opt: argparse.Namespace, ctx: DistContext) -> Path:
     """Run folder: the resumed one, or a fresh numbered project/name (same on every DDP rank)."""
     from utils.paths import check_writable_dir, increment_path
 
-    rank = int(os.getenv("RANK", -1))
+    rank = ctx.rank
     save_dir = [opt.save_dir if opt.resume else None]
     if rank in (-1, 0):
         if not opt.resume:
@@ -187,14 +187,14 @@ def make_opt(**kwargs) -> argparse.Namespace:
     return opt
 
 
-def seed_run(opt: argparse.Namespace, device: torch.device) -> None:
+def seed_run(opt: argparse.Namespace, device: torch.device, ctx: DistContext | None = None) -> None:
     """Seed every generator. Deterministic kernels on the CPU always (they cost nothing there); on CUDA
     only with --deterministic, since cuDNN's autotuned kernels are much faster and change results only
     at float-rounding level (a resumed GPU run then matches the uninterrupted one only statistically)."""
     from utils.torch_utils import init_seeds
 
     deterministic = bool(getattr(opt, "deterministic", False)) or device.type != "cuda"
-    init_seeds(opt.seed + 1 + int(os.getenv("RANK", -1)), deterministic=deterministic)
+    init_seeds(opt.seed + 1 + (ctx or DistContext()).rank, deterministic=deterministic)
     if not deterministic:  # (also undoes an earlier deterministic run in this process, e.g. a benchmark's)
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
@@ -211,12 +211,14 @@ def run(**kwargs):
 
     stop_after_epoch = kwargs.pop("_stop_after_epoch", None)  # test hook: simulate an interruption
     opt = make_opt(**kwargs)
-    device, created = _init_distributed(opt)
+    ctx = DistContext.from_env()
+    device, created = _init_distributed(opt, ctx)
     trainer = None
     try:
-        opt.save_dir = str(_make_save_dir(opt))
-        seed_run(opt, device)
-        trainer = Trainer(opt, device, Path(opt.save_dir), stop_after_epoch=stop_after_epoch)
+        opt.save_dir = str(_make_save_dir(opt, ctx))
+        seed_run(opt, device, ctx)
+        cfg = TrainConfig.from_namespace(opt)
+        trainer = Trainer(cfg, device, Path(cfg.save_dir), ctx, stop_after_epoch=stop_after_epoch)
         trainer.setup()
         results = trainer.fit()
         if created:
@@ -242,7 +244,7 @@ def main(opt: argparse.Namespace) -> int:
     from utils.log import setup_logging
     from utils.trainer import NonFiniteLossError
 
-    setup_logging(rank=int(os.getenv("RANK", -1)))
+    setup_logging(rank=DistContext.from_env().rank)
     if opt.evolve:
         LOGGER.error("train.py: error: --evolve (hyperparameter evolution) is not supported")
         return 2

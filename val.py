@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from utils.boxes import xyxy2xywh
-from utils.evaluate import EvalOptions, evaluate, print_results
+from utils.evaluate import EvalOptions, result_tuple, validate
 
 LOGGER = logging.getLogger("val")
 ROOT = Path(__file__).resolve().parent
@@ -88,62 +88,49 @@ def score_coco_json(pred_json: Path, anno_json: Path, im_files: list[str]) -> tu
 def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thres=0.6, max_det=300,
         task="val", device="", workers=8, single_cls=False, augment=False, verbose=False, save_txt=False,
         save_conf=False, save_json=False, project=ROOT / "runs/val", name="exp", exist_ok=False,
-        half=True, model=None, dataloader=None, save_dir=Path(""), plots=True, compute_loss=None,
-        qat_report=False, ptq=False, calib_images=512, qat_config=None, memory_format="auto",
-        ptq_sensitivity=False, target_drop=0.5):
-    """Validate and return ((P, R, mAP50, mAP50-95, *mean losses), per-class mAPs, speeds in ms).
+        half=True, save_dir=Path(""), plots=True, compute_loss=None, qat_report=False, ptq=False, calib_images=512,
+        qat_config=None, memory_format="auto", ptq_sensitivity=False, target_drop=0.5):
+    """Load `weights`, then validate; returns ((P, R, mAP50, mAP50-95, *mean losses), per-class mAPs,
+    speeds in ms).
 
-    Called with `weights` from the command line, or in-process by training with `model` and
-    `dataloader` already built (then nothing is loaded and the run folder is the caller's).
     `weights` may be an official or own .pt (float or QAT) or an exported .onnx file. `ptq` prepares
     a float model with `qat_config` and calibrates it on `calib_images` training images (the PTQ
     baseline); `qat_report` prints every quantizer's type, scale, range and clipping.
     `memory_format` (a loaded PyTorch model): 'auto' runs channels_last on CUDA, as training does.
+    `compute_loss` (a ComputeLoss of the model) adds the mean validation losses to the results.
+    Training validates its own model in-process with :func:`utils.evaluate.validate`.
     """
     from utils.data_config import check_img_size, load_data_config
+    from utils.paths import increment_path
+    from utils.torch_utils import select_device, use_channels_last
 
-    training, rect = model is not None, True
-    if training:
-        device = next(model.parameters()).device
-        half &= device.type != "cpu"
-        data = load_data_config(data) if not isinstance(data, dict) or "nc" not in data else data
-    else:
-        from utils.paths import increment_path
-        from utils.torch_utils import select_device, use_channels_last
-
-        device = select_device(device, batch_size=batch_size)
-        save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
-        (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
-        data = load_data_config(data)
-        if ptq_sensitivity:  # choose the layers to keep at 16 bits, then validate PTQ with that config
-            ptq, qat_config = True, _sensitivity_config(weights, device, imgsz, data, calib_images, qat_config,
-                                                        target_drop, batch_size, workers, save_dir)
-        model, rect, imgsz = _load_for_val(weights, device, imgsz, data, ptq, calib_images, qat_config, workers)
-        half &= device.type != "cpu" and not _is_quantized(model)
-        if isinstance(model, torch.nn.Module) and use_channels_last(memory_format, device):
-            model = model.to(memory_format=torch.channels_last)  # cuDNN's NHWC kernels are the fast ones
-        stride = max(int(model.stride.max()), 32)
-        imgsz = check_img_size(imgsz, stride)
-    model = model.half() if half else model.float()
-    model.eval()
+    device = select_device(device, batch_size=batch_size)
+    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
+    (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
+    data = load_data_config(data)
+    if ptq_sensitivity:  # choose the layers to keep at 16 bits, then validate PTQ with that config
+        ptq, qat_config = True, _sensitivity_config(weights, device, imgsz, data, calib_images, qat_config,
+                                                    target_drop, batch_size, workers, save_dir)
+    model, rect, imgsz = _load_for_val(weights, device, imgsz, data, ptq, calib_images, qat_config, workers)
+    half &= device.type != "cpu" and not _is_quantized(model)
+    if isinstance(model, torch.nn.Module) and use_channels_last(memory_format, device):
+        model = model.to(memory_format=torch.channels_last)  # cuDNN's NHWC kernels are the fast ones
+    stride = max(int(model.stride.max()), 32)
+    imgsz = check_img_size(imgsz, stride)
     nc = 1 if single_cls else int(data["nc"])
-    names = {0: "item"} if single_cls and len(data["names"]) != 1 else dict(data["names"])
-    if not training:
-        model_nc = int(getattr(model, "nc", None) or model.model[-1].nc)
-        if model_nc != nc and not single_cls:
-            raise ValueError(f"{weights}: model has {model_nc} classes but {data['yaml_file']} has {nc}; "
-                             "pass matching --data or --single-cls")
-        dataloader = _make_dataloader(data, task, imgsz, batch_size, stride, single_cls, workers, rect)
+    model_nc = int(getattr(model, "nc", None) or model.model[-1].nc)
+    if model_nc != nc and not single_cls:
+        raise ValueError(f"{weights}: model has {model_nc} classes but {data['yaml_file']} has {nc}; "
+                         "pass matching --data or --single-cls")
+    dataloader = _make_dataloader(data, task, imgsz, batch_size, stride, single_cls, workers, rect)
     if task == "speed":
         conf_thres, iou_thres = 0.25, 0.45
     anno_json = Path(data.get("path", "")) / "annotations" / "instances_val2017.json"
     writer = DetectionWriter(save_dir, save_txt, save_conf, save_json, coco_ids=anno_json.is_file())
     options = EvalOptions(conf_thres, iou_thres, max_det, single_cls, augment, half)
-    result = evaluate(model, dataloader, device, nc, names, options, compute_loss=compute_loss,
-                      save_dir=save_dir if plots else None, plots=plots,
-                      on_image=writer if (save_txt or save_json) else None)
-    print_results(result, names, per_class=(verbose or (nc < 50 and not training)),
-                  batch_shape=None if training else (batch_size, 3, imgsz, imgsz))
+    result = validate(model, dataloader, data, options, compute_loss=compute_loss, save_dir=save_dir, plots=plots,
+                      on_image=writer if (save_txt or save_json) else None, per_class=verbose or nc < 50,
+                      batch_shape=(batch_size, 3, imgsz, imgsz), device=device)
     if qat_report and _is_quantized(model):
         from quant.report import quantizer_table
 
@@ -152,18 +139,16 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
         _report_layer_errors(model, images, save_dir)
     if save_json and writer.records:
         result = _save_and_score_json(writer, weights, save_dir, anno_json, dataloader, result)
-    if not training:
-        saved = f"\n{len(list(writer.labels_dir.glob('*.txt')))} labels saved to {writer.labels_dir}" if save_txt else ""
-        LOGGER.info(f"Results saved to {save_dir}{saved}")
-    losses = result.loss.tolist() if result.loss is not None else [0.0, 0.0, 0.0]
-    return (result.mp, result.mr, result.map50, result.map, *losses), result.maps, result.speeds_ms
+    saved = f"\n{len(list(writer.labels_dir.glob('*.txt')))} labels saved to {writer.labels_dir}" if save_txt else ""
+    LOGGER.info(f"Results saved to {save_dir}{saved}")
+    return result_tuple(result)
 
 
 def _sensitivity_config(weights, device, imgsz, data, calib_images, qat_config, target_drop, batch_size, workers,
                         save_dir):
-    from utils.checkpoint import load_model
     from utils.data_config import check_img_size
     from utils.ptq_sensitivity import sensitivity_config
+    from utils.qat import load_model
 
     model, meta = load_model(weights, device=device, fuse=False)
     if meta.get("qat"):
@@ -187,12 +172,14 @@ def _report_layer_errors(model, images, save_dir: Path) -> None:
 
 
 def _is_quantized(model) -> bool:
-    return hasattr(model, "qat_config")
+    from utils.qat import is_prepared
+
+    return is_prepared(model)
 
 
 def _load_for_val(weights, device, imgsz, data, ptq, calib_images, qat_config, workers):
     """(model, rect batches?, image size) for a .pt (float, QAT, or float+PTQ) or .onnx file."""
-    from utils.checkpoint import load_model
+    from utils.qat import load_model
 
     if Path(str(weights)).suffix == ".onnx":
         from utils.onnx_backend import load_onnx_model

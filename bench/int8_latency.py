@@ -35,7 +35,8 @@ def _calibration_batch(imgsz: int, n: int):
 def build_pair(weights: Path, imgsz: int, folder: Path, act: str = "relu", calib: int = 8) -> tuple[Path, Path]:
     """(fp32 .onnx, int8 QDQ .onnx) of ``weights`` rebuilt with ``act``, exported at ``imgsz``."""
     from quant.calibrate import calibrate
-    from utils.checkpoint import load_model, make_checkpoint, save_checkpoint
+    from utils.checkpoint import make_checkpoint, save_checkpoint
+    from utils.qat import load_model
     from utils.export_job import export_weights
     from utils.qat import prepare_qat_model, qat_checkpoint_entry
 

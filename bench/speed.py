@@ -57,13 +57,14 @@ def train_once(name: str, project: Path, **options) -> tuple[dict, Path]:
     """One train.py run in this process; returns (speed of the warm epochs, weights folder)."""
     import train
     from utils.torch_utils import select_device
+    from utils.train_config import TrainConfig
     from utils.trainer import Trainer
 
     opt = train.make_opt(project=str(project), name=name, exist_ok=True, noval=True, noplots=True, **options)
     device = select_device(opt.device, batch_size=opt.batch_size)
     opt.save_dir = str(project / name)
     train.seed_run(opt, device)
-    trainer = Trainer(opt, device, Path(opt.save_dir))
+    trainer = Trainer(TrainConfig.from_namespace(opt), device, Path(opt.save_dir))
     trainer.setup()
     trainer.fit()
     return training_speed(trainer.epoch_speed), Path(opt.save_dir) / "weights"

@@ -28,7 +28,9 @@ import copy
 import logging
 import math
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 import torch.fx as fx
@@ -37,12 +39,12 @@ from torch import nn
 
 from quant.fake_quant import Pow2FakeQuantize
 from quant.fused import QATConv, QATConvBnAct, make_act
-from quant.graph import resolve_producer
+from quant.graph import input_quantizer_of, leaf_conv_inputs, set_submodule
 from quant.qdq_onnx import activation_tensor_names, check_qdq_structure, finalize_qdq_onnx
 
-__all__ = ["QUANT_SCHEME", "QdqActivation", "QdqConv", "activation_tensor_names", "check_qdq_structure",
-           "convert_for_export", "exportable", "finalize_qdq_onnx", "input_quantizer_of", "leaf_conv_inputs",
-           "quant_ranges", "quantizer_ranges", "recording_quantizer_calls", "round_bias"]
+__all__ = ["QUANT_SCHEME", "QdqActivation", "QdqConv", "QdqExport", "activation_tensor_names", "check_qdq_structure",
+           "convert_for_export", "export_qdq", "exportable", "finalize_qdq_onnx", "quant_ranges", "quantizer_ranges",
+           "recording_quantizer_calls", "round_bias"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -52,7 +54,12 @@ MAX_ONNX_BITS = 8  # int8/uint8 QuantizeLinear: every opset the TorchScript expo
 
 def exportable(fq: Pow2FakeQuantize) -> bool:
     """True when ``fq`` quantizes in the exported file (calibrated, enabled, at most 8 bits)."""
-    return bool(fq.calibrated) and bool(fq.fake_quant_enabled) and fq.bits <= MAX_ONNX_BITS
+    return fq.emits_int()
+
+
+def _input_quantizer(gm: fx.GraphModule, node: Any) -> Optional[Pow2FakeQuantize]:
+    fq = input_quantizer_of(gm, node)
+    return fq if fq is not None and exportable(fq) else None
 
 
 class QdqActivation(nn.Module):
@@ -135,29 +142,6 @@ def round_bias(bias: torch.Tensor, in_scale: Optional[float], w_scale: torch.Ten
     return (codes.double() * step).float(), codes
 
 
-def input_quantizer_of(gm: fx.GraphModule, node: fx.Node) -> Optional[Pow2FakeQuantize]:
-    """The activation quantizer whose output ``node`` reads (through pass-through ops), or None."""
-    src = resolve_producer(gm, node) if isinstance(node, fx.Node) else None
-    if src is None or src.op != "call_module":
-        return None
-    module = gm.get_submodule(str(src.target))
-    return module if isinstance(module, Pow2FakeQuantize) and exportable(module) else None
-
-
-def leaf_conv_inputs(gm: fx.GraphModule, node: fx.Node) -> list[tuple[str, QATConv, Optional[Pow2FakeQuantize]]]:
-    """For a leaf module node (a detection head): (name, QATConv, input quantizer) per conv.
-
-    Convention shared with :mod:`quant.integer_ref`: a leaf called with a list of N tensors that
-    holds N QATConvs applies its i-th conv (module order) to the i-th tensor.
-    """
-    leaf = gm.get_submodule(str(node.target))
-    convs = [(f"{node.target}.{n}", m) for n, m in leaf.named_modules() if isinstance(m, QATConv)]
-    args = node.args[0] if node.args and isinstance(node.args[0], (list, tuple)) else node.args
-    if len(args) != len(convs):
-        raise ValueError(f"{node.target}: leaf with {len(convs)} quantized convs called with {len(args)} inputs")
-    return [(name, conv, input_quantizer_of(gm, a)) for (name, conv), a in zip(convs, args)]
-
-
 def _qdq_from_fused(name: str, fused: QATConvBnAct, in_fq: Optional[Pow2FakeQuantize]) -> QdqConv:
     weight, bias = fused.folded_weight_and_bias()
     fq = fused.weight_fake_quant
@@ -176,11 +160,6 @@ def _qdq_from_head(name: str, conv: QATConv, in_fq: Optional[Pow2FakeQuantize]) 
     return QdqConv(conv, weight, bias, fq, None, out_q, name=name)
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, attr, module)
-
-
 @torch.no_grad()
 def convert_for_export(prepared: fx.GraphModule) -> fx.GraphModule:
     """A deep copy of ``prepared`` (eval mode) with QDQ-exportable modules (see the module docstring).
@@ -197,17 +176,67 @@ def convert_for_export(prepared: fx.GraphModule) -> fx.GraphModule:
             continue
         module = model.get_submodule(str(node.target))
         if isinstance(module, QATConvBnAct) and str(node.target) not in swaps:
-            swaps[str(node.target)] = _qdq_from_fused(str(node.target), module, input_quantizer_of(model, node.args[0]))
+            swaps[str(node.target)] = _qdq_from_fused(str(node.target), module, _input_quantizer(model, node.args[0]))
         elif any(isinstance(m, QATConv) for m in module.modules()) and not isinstance(module, QATConv):
-            for name, conv, in_fq in leaf_conv_inputs(model, node):
-                swaps[name] = _qdq_from_head(name, conv, in_fq)
+            for name, conv, arg in leaf_conv_inputs(model, node):
+                swaps[name] = _qdq_from_head(name, conv, _input_quantizer(model, arg))
         elif isinstance(module, Pow2FakeQuantize):
             # one instance per shared quantizer: the same scale wherever the graph calls it
             swaps.setdefault(str(node.target), shared.setdefault(id(module), QdqActivation(module, str(node.target))))
     for name, module in sorted(swaps.items(), key=lambda kv: -kv[0].count(".")):
-        _set_submodule(model, name, module)
+        set_submodule(model, name, module)
     model.recompile()
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------- the entry point
+@dataclass
+class QdqExport:
+    """What :func:`export_qdq` wrote: the converted module (BN folded, constant scales: the reference
+    to check the file against, so nothing converts twice), the final ONNX model, its structure summary
+    and the ``.ranges.json`` content."""
+
+    converted: fx.GraphModule
+    onnx_model: Any
+    summary: dict[str, Any]
+    ranges: dict[str, Any]
+
+
+def _plain_torch_export(module: nn.Module, example: torch.Tensor, file: Path) -> None:
+    torch.onnx.export(module, (example,), str(file), dynamo=False, opset_version=17)
+
+
+def export_qdq(prepared: fx.GraphModule, example: torch.Tensor, file: Union[str, Path],
+               wrap: Optional[Callable[[nn.Module], nn.Module]] = None,
+               torch_export: Optional[Callable[[nn.Module, torch.Tensor, Path], None]] = None,
+               converted: Optional[fx.GraphModule] = None) -> QdqExport:
+    """Write ``prepared`` as a QDQ ONNX file: convert -> record the quantizer calls -> torch.onnx.export
+    -> finalize (int8 weights, int32 biases) -> check the structure -> ranges. Raises ValueError when
+    a check fails.
+
+    ``wrap`` puts the converted module in the caller's export wrapper (e.g. a detection head's output
+    layout); ``torch_export(module, example, file)`` runs torch.onnx.export with the caller's names,
+    opset and dynamic axes (default: the TorchScript exporter, opset 17); ``converted`` reuses an
+    earlier conversion of the same model.
+
+    Example:
+        >>> result = export_qdq(prepared, torch.zeros(1, 3, 64, 64), "model.onnx")  # doctest: +SKIP
+        >>> result.summary["quantize"], result.ranges["activations"].keys()
+    """
+    try:
+        import onnx
+    except ImportError as err:
+        raise ImportError("QDQ export needs the onnx package: pip install onnx") from err
+    file = Path(file)
+    converted = converted if converted is not None else convert_for_export(prepared).float()
+    module = wrap(converted) if wrap is not None else converted
+    with recording_quantizer_calls(module) as calls:
+        (torch_export or _plain_torch_export)(module, example.float(), file)
+    model = finalize_qdq_onnx(onnx.load(str(file)))
+    summary = check_qdq_structure(model)
+    ranges = quant_ranges(prepared, module, model, calls)
+    onnx.save(model, str(file))
+    return QdqExport(converted, model, summary, ranges)
 
 
 # ---------------------------------------------------------------------------------- names and ranges

@@ -141,6 +141,11 @@ class Pow2FakeQuantize(nn.Module):
         """True when forward fake-quantizes: calibrated and fake quantization enabled (no device sync)."""
         return self._flag("fake_quant_enabled") and self._flag("calibrated")
 
+    def emits_int(self) -> bool:
+        """True when the output is an int8/uint8 tensor in the integer network (and a Q/DQ pair in the
+        exported file): active and at most 8 bits wide (ONNX QuantizeLinear before opset 21)."""
+        return self.bits <= 8 and self.is_active()
+
     def scale(self) -> torch.Tensor:
         """Per-channel (C,) or per-tensor (1,) float32 scales, exact powers of two (a new tensor)."""
         # float64 pow then cast: exact for integer exponents on every backend.

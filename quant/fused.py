@@ -46,12 +46,8 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tens
 
 
 def _quantizing(q: Optional[nn.Module]) -> bool:
-    """True when ``q`` is a calibrated, enabled quantizer of at most 8 bits (one the export keeps)."""
-    if q is None or getattr(q, "bits", 32) > 8:
-        return False
-    if hasattr(q, "is_active"):
-        return q.is_active()  # host-cached flags: no device sync per conv
-    return bool(getattr(q, "calibrated", 0)) and bool(getattr(q, "fake_quant_enabled", 0))
+    """True when ``q`` emits integers (Pow2FakeQuantize.emits_int: host-cached flags, no device sync)."""
+    return q is not None and q.emits_int()
 
 
 def _scale(q: nn.Module) -> torch.Tensor:

@@ -1,7 +1,8 @@
-"""Graph analysis for quantization: tracing, Conv->BN->act chains, alignment groups, Graphviz.
+"""Graph analysis for quantization: tracing, Conv->BN->act chains, alignment groups, shared helpers.
 
 Everything here reads a ``torch.fx`` graph and returns plain descriptions; nothing changes the
-model.  :mod:`quant.prepare` turns the descriptions into module swaps and quantizer nodes.
+model (``set_submodule`` aside, the one swap helper prepare and export share).  :mod:`quant.prepare`
+turns the descriptions into module swaps and quantizer nodes; :mod:`quant.graphviz` draws them.
 
 Example:
     >>> gm = trace(model, leaf_classes=("Detect",), concrete_args={"augment": False})
@@ -20,9 +21,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from quant.fake_quant import Pow2FakeQuantize
+from quant.fused import QATConv
+
 __all__ = ["QuantTracer", "trace", "Chain", "find_conv_bn_act", "Group", "find_alignment_groups",
            "group_of", "merge_groups", "resolve_producer", "is_pass_through", "is_add", "is_concat", "owner_name",
-           "activation_kind", "write_graphviz"]
+           "activation_kind", "set_submodule", "input_quantizer_of", "leaf_conv_inputs"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -157,6 +161,50 @@ def owner_name(node: fx.Node) -> str:
     return path if isinstance(path, str) else ""
 
 
+# ------------------------------------------------------------------------------------ helpers
+def set_submodule(root: nn.Module, name: str, module: Optional[nn.Module]) -> None:
+    """Put ``module`` at dotted ``name`` under ``root`` (None removes it)."""
+    parent, _, attr = name.rpartition(".")
+    owner = root.get_submodule(parent) if parent else root
+    if module is None:
+        delattr(owner, attr)
+    else:
+        setattr(owner, attr, module)
+
+
+def input_quantizer_of(gm: nn.Module, node: Any) -> Optional[Pow2FakeQuantize]:
+    """The activation quantizer (a Pow2FakeQuantize) whose output ``node`` reads, looking through
+    pass-through ops; None when the value is not quantized."""
+    src = resolve_producer(gm, node) if isinstance(node, fx.Node) else None
+    if src is None or src.op != "call_module":
+        return None
+    module = gm.get_submodule(str(src.target))
+    return module if isinstance(module, Pow2FakeQuantize) else None
+
+
+def leaf_conv_inputs(gm: nn.Module, node: fx.Node) -> list[tuple[str, QATConv, Any]]:
+    """For a leaf module node (a detection head): (name, QATConv, input value) per quantized conv.
+
+    The convention prepare, the export and quant.integer_ref share: a leaf called with a list of N
+    tensors that holds N convs (QATConv, or Conv2d a rule kept float) applies its i-th conv (module
+    order) to the i-th tensor. Any other call raises ValueError naming the leaf.
+    """
+    leaf = gm.get_submodule(str(node.target))
+    slots, inside = [], ()
+    for name, module in leaf.named_modules():
+        if inside and name.startswith(inside):
+            continue  # the float conv a QATConv wraps
+        if isinstance(module, QATConv):
+            slots.append((f"{node.target}.{name}", module))
+            inside = f"{name}."
+        elif isinstance(module, nn.Conv2d):
+            slots.append((f"{node.target}.{name}", None))
+    args = node.args[0] if node.args and isinstance(node.args[0], (list, tuple)) else node.args
+    if len(args) != len(slots):
+        raise ValueError(f"{node.target}: leaf with {len(slots)} convs called with {len(args)} inputs")
+    return [(name, conv, arg) for (name, conv), arg in zip(slots, args) if conv is not None]
+
+
 # ------------------------------------------------------------------------------------ chains
 @dataclass(frozen=True)
 class Chain:
@@ -288,86 +336,3 @@ def find_alignment_groups(gm: fx.GraphModule) -> list[Group]:
     groups = [g for g in (group_of(gm, n) for n in gm.graph.nodes) if g is not None]
     ids = merge_groups(groups, order=[n.name for n in gm.graph.nodes])
     return [Group(g.kind, g.inputs, g.output, ids[g.inputs[0]]) for g in groups]
-
-
-# ------------------------------------------------------------------------------------ graphviz
-_PALETTE = ("#8dd3c7", "#ffffb3", "#bebada", "#fb8072", "#80b1d3", "#fdb462", "#b3de69", "#fccde5",
-            "#bc80bd", "#ccebc5", "#ffed6f", "#a6cee3", "#b2df8a", "#fb9a99", "#fdbf6f", "#cab2d6")
-
-
-def _quote(text: str) -> str:
-    """Dot string literal; newlines become dot's centred line breaks."""
-    escaped = str(text).replace("\\", "\\\\").replace('"', '\\"')
-    return '"' + escaped.replace("\n", "\\n") + '"'
-
-
-def _label(gm: fx.GraphModule, node: fx.Node) -> str:
-    if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        return f"{node.target}\n{type(mod).__name__}"
-    if node.op in ("call_function", "call_method"):
-        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-        return f"{node.name}\n{target}"
-    return f"{node.name}\n{node.op}"
-
-
-def _node_style(gm: fx.GraphModule, node: fx.Node, colours: dict[int, str], group_colour: Optional[str]) -> str:
-    mod = _module(gm, node)
-    if mod is not None and "FakeQuant" in type(mod).__name__:
-        # One colour per quantizer instance: shared quantizers show up as same-coloured diamonds.
-        colour = colours.setdefault(id(mod), _PALETTE[len(colours) % len(_PALETTE)])
-        return f'shape=diamond, style=filled, fillcolor="{colour}"'
-    if group_colour is not None:
-        return f'shape=box, style="filled,bold", fillcolor="{group_colour}"'
-    if node.op in ("placeholder", "output"):
-        return "shape=oval"
-    return "shape=box"
-
-
-def _dot_lines(gm: fx.GraphModule, chains: Sequence[Chain], groups: Sequence[Group], title: str) -> list[str]:
-    in_chain = {name: i for i, c in enumerate(chains) for name in c.nodes if len(c.nodes) > 1}
-    member_set: dict[str, int] = {}
-    for g in groups:
-        for name in (*g.inputs, g.output) if g.kind == "concat" else g.inputs:
-            member_set.setdefault(name, g.share_id)
-    lines = ["digraph G {", f"  label={_quote(title)};", "  labelloc=t;", "  rankdir=TB;",
-             '  node [fontsize=10, fontname="Helvetica"];']
-    colours: dict[int, str] = {}
-    clusters: dict[int, list[str]] = {}
-    for node in gm.graph.nodes:
-        sid = member_set.get(node.name)
-        colour = _PALETTE[sid % len(_PALETTE)] if sid is not None and sid >= 0 else None
-        text = f"  {_quote(node.name)} [label={_quote(_label(gm, node))}, {_node_style(gm, node, colours, colour)}];"
-        if node.name in in_chain:
-            clusters.setdefault(in_chain[node.name], []).append(text)
-        else:
-            lines.append(text)
-    for i, body in sorted(clusters.items()):
-        lines += [f"  subgraph cluster_chain_{i} {{", f"    label={_quote('fuse ' + chains[i].describe())};",
-                  '    style="rounded,filled"; fillcolor="#eeeeee"; color="#555555";', *body, "  }"]
-    for node in gm.graph.nodes:
-        for src in node.all_input_nodes:
-            lines.append(f"  {_quote(src.name)} -> {_quote(node.name)};")
-    lines.append("}")
-    return lines
-
-
-def write_graphviz(gm: fx.GraphModule, path: Any, chains: Sequence[Chain] = (), groups: Sequence[Group] = (),
-                   title: str = "") -> Any:
-    """Write ``gm`` as Graphviz dot text: fusion chains as grey clusters, alignment-group members
-    filled with one colour per shared set, fake-quant modules as diamonds coloured per instance.
-    Also renders a .pdf next to it when the ``dot`` binary is on PATH.  Returns the .gv path."""
-    import shutil
-    import subprocess
-    from pathlib import Path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(_dot_lines(gm, chains, groups, title)) + "\n", encoding="utf-8")
-    dot = shutil.which("dot")
-    if dot is not None:
-        result = subprocess.run([dot, "-Tpdf", str(path), "-o", str(path.with_suffix(".pdf"))],
-                                capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            LOGGER.warning("%s: dot could not render the graph: %s", path, result.stderr.strip()[:200])
-    return path

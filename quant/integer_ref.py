@@ -12,7 +12,7 @@ accumulator, max-pool and nearest upsample work on the codes, concat joins codes
 add sums codes of one scale.  Any other op runs in float32 on dequantized values and is listed in
 :attr:`IntegerModel.float_ops`.
 
-Leaf modules (a detection head) follow the convention of :func:`quant.export.leaf_conv_inputs`:
+Leaf modules (a detection head) follow the convention of :func:`quant.graph.leaf_conv_inputs`:
 their i-th QATConv runs on their i-th input, and the leaf's value is the list of those convs'
 quantized outputs (the raw head maps before any reshape).
 
@@ -33,9 +33,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from quant.export import leaf_conv_inputs, round_bias
+from quant.export import round_bias
 from quant.fake_quant import Pow2FakeQuantize
 from quant.fused import QATConv, QATConvBnAct
+from quant.graph import leaf_conv_inputs
 
 __all__ = ["IntegerModel", "QTensor", "compare_with_fake_quant", "shift_round"]
 
@@ -147,9 +148,8 @@ class IntegerModel:
         return self.conv(x, module.conv, weight, bias, module.weight_fake_quant, module.act, str(node.target))
 
     def _leaf(self, node: fx.Node, env: dict[str, Any]) -> list[Any]:
-        args = node.args[0] if isinstance(node.args[0], (list, tuple)) else node.args
         outs = []
-        for (name, conv, _), arg in zip(leaf_conv_inputs(self.gm, node), args):
+        for name, conv, arg in leaf_conv_inputs(self.gm, node):
             weight, bias = conv.folded_weight_and_bias()
             y = self.conv(env[arg.name], conv, weight, bias, conv.weight_fake_quant, None, name)
             out = conv.out_quant

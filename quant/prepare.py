@@ -48,7 +48,9 @@ from quant.config import QuantConfig, QuantSpec
 from quant.fake_quant import Pow2FakeQuantize
 from quant.fused import QATConv, QATConvBnAct
 from quant.graph import (Chain, activation_kind, find_alignment_groups, find_conv_bn_act, group_of,
-                         is_pass_through, merge_groups, owner_name, resolve_producer, trace, write_graphviz)
+                         input_quantizer_of, is_pass_through, leaf_conv_inputs, merge_groups, owner_name,
+                         resolve_producer, set_submodule, trace)
+from quant.graphviz import write_graphviz
 
 __all__ = ["ACT_QUANT", "PlanEntry", "QuantPlan", "PreparedModel", "prepare"]
 
@@ -99,8 +101,12 @@ class QuantPlan(list):
 
 class PreparedModel(fx.GraphModule):
     """The prepared model: a GraphModule that keeps the original module hierarchy (``model.model[-1]``
-    still finds a YOLO head), the original's plain attributes (``stride``, ``names``, ...) and
-    ``plan``.  Deep copies (EMA) keep those attributes too."""
+    still finds a YOLO head), the original's plain attributes (``stride``, ``names``, ...), ``plan``,
+    the ``quant_config`` it was prepared with and the ``example_shape`` of its (first) example input,
+    which is all it takes to prepare it again.  Deep copies (EMA) keep those attributes too."""
+
+    quant_config: QuantConfig
+    example_shape: tuple[int, ...]
 
     def __deepcopy__(self, memo: dict) -> "PreparedModel":
         res = super().__deepcopy__(memo)
@@ -129,15 +135,6 @@ class _Ctx:
     producers: dict[str, _Producer] = field(default_factory=dict)  # node name -> producer
     consumers: set[str] = field(default_factory=set)  # node names that need quantized inputs
     entries: dict[str, PlanEntry] = field(default_factory=dict)  # node name -> plan row
-
-
-def _set_submodule(root: nn.Module, name: str, module: Optional[nn.Module]) -> None:
-    parent, _, attr = name.rpartition(".")
-    owner = root.get_submodule(parent) if parent else root
-    if module is None:
-        delattr(owner, attr)
-    else:
-        setattr(owner, attr, module)
 
 
 def _key(name: str) -> str:
@@ -182,12 +179,12 @@ def _fuse_chain(ctx: _Ctx, chain: Chain, nodes: dict[str, fx.Node], targets: set
     chain_nodes[-1].replace_all_uses_with(new)
     for node in reversed(chain_nodes):
         ctx.graph.erase_node(node)
-    _set_submodule(ctx.root, place, fused)
+    set_submodule(ctx.root, place, fused)
     if place == chain.conv:  # the block keeps its other children; drop the ones now inside `fused`
         remaining = {n.target for n in ctx.graph.nodes if n.op in ("call_module", "get_attr")}
         for name in (chain.bn, chain.act if chain.fused_act and act_is_module else None):
             if name and name not in remaining:
-                _set_submodule(ctx.root, name, None)
+                set_submodule(ctx.root, name, None)
     ctx.producers[new.name] = _Producer(aspec, "conv", _key(place), unsigned=chain.fused_act is not None)
     ctx.consumers.add(new.name)
     note = ""
@@ -218,7 +215,7 @@ def _swap_leaf_convs(ctx: _Ctx) -> None:
                 continue
             signed = True if aspec.signed is None else aspec.signed
             out_fq = Pow2FakeQuantize(aspec, signed=signed)
-            _set_submodule(ctx.root, name, QATConv(conv, _weight_quantizer(wspec, conv.out_channels), out_fq))
+            set_submodule(ctx.root, name, QATConv(conv, _weight_quantizer(wspec, conv.out_channels), out_fq))
             ctx.consumers.add(node.name)
             ctx.entries[row] = PlanEntry(name, "head_conv", layer, "conv", wspec, aspec, signed, f"{name}.out_quant")
 
@@ -446,6 +443,7 @@ def prepare(model: nn.Module, example_inputs: Union[torch.Tensor, tuple], config
     order = [n.name for n in graph.nodes]
     quant_of = _insert_act_quantizers(ctx)
     prepared = _build_module(ctx, model, _build_plan(ctx, order, quant_of))
+    prepared.quant_config, prepared.example_shape = config, tuple(inputs[0].shape)
     if param is not None:
         prepared.to(param.device)
     prepared.train(model.training)
@@ -461,14 +459,6 @@ def prepare(model: nn.Module, example_inputs: Union[torch.Tensor, tuple], config
     return prepared
 
 
-def _quantizer_feeding(gm: fx.GraphModule, node: Any) -> Optional[Pow2FakeQuantize]:
-    src = resolve_producer(gm, node) if isinstance(node, fx.Node) else None
-    if src is None or src.op != "call_module":
-        return None
-    module = gm.get_submodule(str(src.target))
-    return module if isinstance(module, Pow2FakeQuantize) else None
-
-
 def link_input_quantizers(gm: fx.GraphModule) -> None:
     """Tell every quantized conv which quantizer feeds it, so its bias can sit on the int32 grid
     s_in * s_w as in the integer model. A leaf module (detection head) called with N tensors applies
@@ -478,13 +468,10 @@ def link_input_quantizers(gm: fx.GraphModule) -> None:
             continue
         module = gm.get_submodule(str(node.target))
         if isinstance(module, QATConvBnAct):
-            module.link_input_quantizer(_quantizer_feeding(gm, node.args[0]))
+            module.link_input_quantizer(input_quantizer_of(gm, node.args[0]))
         elif not isinstance(module, QATConv) and any(isinstance(m, QATConv) for m in module.modules()):
-            convs = [m for m in module.modules() if isinstance(m, QATConv)]
-            args = node.args[0] if node.args and isinstance(node.args[0], (list, tuple)) else node.args
-            if len(args) == len(convs):
-                for conv, arg in zip(convs, args):
-                    conv.link_input_quantizer(_quantizer_feeding(gm, arg))
+            for _, conv, arg in leaf_conv_inputs(gm, node):
+                conv.link_input_quantizer(input_quantizer_of(gm, arg))
 
 
 def begin_observation_step(module: nn.Module, _args) -> None:

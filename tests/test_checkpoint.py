@@ -13,7 +13,8 @@ from models.summary import model_summary
 from models.yolo import DetectionModel
 from utils import checkpoint as ckpt_mod
 from utils.checkpoint import (CheckpointError, UnsafeCheckpointError, is_official, load_checkpoint,
-                              load_model, make_checkpoint, save_checkpoint, transfer_state_dict)
+                              make_checkpoint, save_checkpoint, transfer_state_dict)
+from utils.qat import load_model
 
 
 class _RunsCommand:

@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 
 import export  # noqa: E402
-from utils.checkpoint import load_model  # noqa: E402
+from utils.qat import load_model  # noqa: E402
 from utils.export_job import export_weights, names_from_data, normalise_imgsz  # noqa: E402
 from utils.onnx_backend import decode_raw_maps, import_optional, load_onnx_model, parse_metadata  # noqa: E402
 from utils.onnx_check import FLOAT_TOL, compare_outputs  # noqa: E402

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from utils.metrics import ConfusionMatrix, ap_per_class, compute_ap, fitness, match_predictions, smooth
+from utils.metrics import (ConfusionMatrix, ap_per_class, compute_ap, fitness, match_predictions, pr_curves,
+                           smooth)
+from utils.plots import plot_confusion_matrix, plot_pr_curves
 
 IOUV = torch.linspace(0.5, 0.95, 10)
 
@@ -51,6 +53,8 @@ def ref_curves(tp_col, conf, n_labels):
 def test_fitness_weights():
     x = np.array([[1.0, 1.0, 0.5, 0.3], [0.0, 0.0, 1.0, 1.0]])
     np.testing.assert_allclose(fitness(x), [0.05 + 0.27, 1.0])
+    one = (0.4, 0.3, 0.61, 0.43, 0.1, 0.2, 0.3)  # one validation result, as training passes it
+    assert isinstance(fitness(one), float) and fitness(one) == 0.1 * 0.61 + 0.9 * 0.43
 
 
 def test_smooth_window_and_edges():
@@ -144,8 +148,8 @@ def test_ap_per_class_matches_independent_reference():
 
 def test_ap_per_class_writes_plots(tmp_path):
     tp, conf, pred_cls, target_cls = _synthetic_case()
-    ap_per_class(tp, conf, pred_cls, target_cls, plot=True, save_dir=tmp_path,
-                 names={0: "cat", 1: "dog", 2: "cow", 3: "unused", 4: "owl"}, prefix="x_")
+    curves, _ = pr_curves(tp, conf, pred_cls, target_cls)
+    plot_pr_curves(curves, tmp_path, names={0: "cat", 1: "dog", 2: "cow", 3: "unused", 4: "owl"}, prefix="x_")
     for name in ("PR", "F1", "P", "R"):
         assert (tmp_path / f"x_{name}_curve.png").stat().st_size > 1000
 
@@ -232,7 +236,7 @@ def test_confusion_matrix_counts_and_tp_fp(tmp_path):
     cm.process_batch(torch.tensor([_det([0, 0, 10, 10], 0.9, 0)]), torch.tensor([[1.0, 50, 50, 60, 60]]))
     assert cm.matrix[0, 2] == 1 and cm.matrix[2, 1] == 4
 
-    out = cm.plot(save_dir=tmp_path, names=["a", "b"])
+    out = plot_confusion_matrix(cm.matrix, save_dir=tmp_path, names=["a", "b"])
     assert out == tmp_path / "confusion_matrix.png" and out.stat().st_size > 1000
 
 

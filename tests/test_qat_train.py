@@ -26,13 +26,17 @@ from quant.config import LayerRule, QuantConfig
 from quant.fake_quant import Pow2FakeQuantize
 from quant.prepare import ACT_QUANT, prepare
 from quant.schedule import iter_quantizers
-from utils.checkpoint import load_model
+from quant.report import quantizer_table
+from utils.qat import load_model
+from utils.data_config import load_data_config
 from utils.dataset import create_dataloader
+from utils.evaluate import EvalOptions, validate
 from utils.loss import ComputeLoss
 from utils.qat import prepare_qat_model
 from utils.synthetic import make_synthetic_dataset
 from tiny_nets import AddConcatNet
 
+LOGGER = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 IMGSZ, BATCH, EPOCHS = 64, 8, 3
 BASE = dict(imgsz=IMGSZ, batch_size=BATCH, workers=0, device="cpu", noplots=True, seed=1)
@@ -237,9 +241,9 @@ def test_validation_never_changes_quantizer_state(fresh_prepared, data_yaml, cap
     before = {k: v.clone() for k, v in fresh_prepared.state_dict().items()}
     loader = create_dataloader(str(Path(data_yaml).parent / "images" / "val"), IMGSZ, 4, 32, rect=True, pad=0.5,
                                workers=0)[0]
-    with caplog.at_level(logging.INFO, logger="val"):
-        val.run(data=str(data_yaml), model=fresh_prepared, dataloader=loader, half=False, plots=False,
-                qat_report=True)
+    with caplog.at_level(logging.INFO):
+        validate(fresh_prepared, loader, load_data_config(data_yaml), EvalOptions(half=False))
+        LOGGER.info("\n" + quantizer_table(fresh_prepared, torch.rand(2, 3, IMGSZ, IMGSZ)))
     after = fresh_prepared.state_dict()
     assert all(int(q.observer_enabled) == 1 for _, q in iter_quantizers(fresh_prepared) if not q.fixed)  # on, unused
     changed = [k for k in before if not torch.equal(before[k], after[k])]

@@ -18,7 +18,7 @@ import train
 import val
 from utils import trainer as trainer_mod
 from utils.callbacks_log import RESULT_KEYS
-from utils.checkpoint import load_model
+from utils.qat import load_model
 from utils.loss import ComputeLoss
 from utils.synthetic import make_synthetic_dataset
 

@@ -6,7 +6,8 @@ names any other global is refused before anything in it runs. Files we write hol
 plain values only, so they load with ``weights_only=True`` and no allowlist at all.
 
 Example:
-    >>> model, meta = load_model("yolov5s.pt")            # official or ours
+    >>> record = read_checkpoint("yolov5s.pt")            # official or ours, float or QAT
+    >>> model, meta = build_float_model(record)           # utils.qat.load_model also rebuilds QAT
     >>> save_checkpoint(make_checkpoint(model, epoch=3), "last.pt")
 """
 from __future__ import annotations
@@ -18,9 +19,10 @@ import re
 import struct
 import zipfile
 from copy import deepcopy
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -28,9 +30,11 @@ from torch import nn
 
 from models.common import C3, SPPF, Bottleneck, Concat, Conv
 from models.yolo import Detect, DetectionModel
+from utils.names import normalise_names
 
-__all__ = ["CheckpointError", "UnsafeCheckpointError", "FORMAT", "FORMAT_VERSION", "load_checkpoint",
-           "make_checkpoint", "save_checkpoint", "is_official", "load_model", "transfer_state_dict"]
+__all__ = ["CheckpointError", "UnsafeCheckpointError", "FORMAT", "FORMAT_VERSION", "CheckpointRecord",
+           "load_checkpoint", "read_checkpoint", "build_float_model", "make_checkpoint", "save_checkpoint",
+           "is_official", "transfer_state_dict"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -168,12 +172,11 @@ def make_checkpoint(model: nn.Module, **extra: Any) -> dict:
     if unknown:
         raise ValueError(f"make_checkpoint: unknown fields {sorted(unknown)}; "
                          f"valid: {sorted(_EXTRA_DEFAULTS) + list(_EXTRA_OPTIONAL)}")
-    names = getattr(model, "names", None) or {}
-    names = dict(enumerate(names)) if isinstance(names, (list, tuple)) else dict(names)
+    names = normalise_names(getattr(model, "names", None), "model.names")
     ckpt = {"format": FORMAT, "version": FORMAT_VERSION,
             "model_yaml": _plain(deepcopy(model.yaml), "model_yaml"),
             "state_dict": _state_dict(model),
-            "names": {int(k): str(v) for k, v in names.items()},
+            "names": names,
             "stride": [float(s) for s in model.stride],
             "nc": int(model.yaml["nc"])}
     if getattr(model, "yaml_file", None):
@@ -234,63 +237,107 @@ def _check_keys(path: Path, own: dict, state: dict) -> None:
         raise CheckpointError(f"{path}: shape mismatch for {len(bad)} tensors, e.g. {'; '.join(sorted(bad)[:3])}")
 
 
-def _unpack(path: Path, ckpt: dict) -> tuple[dict, dict, dict, list | None, str]:
-    """(yaml, state dict, names, stride, which entry) from either checkpoint format."""
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """What a checkpoint of either format holds, in one shape (see :func:`read_checkpoint`).
+
+    ``state`` is the weights to evaluate (EMA when present, as upstream's attempt_load);
+    ``train_state`` the weights training continues from (the raw, non-EMA ones when there are any);
+    ``quant`` the QAT entry (None for a float model); ``raw`` the loaded dict (optimizer, epoch, ...).
+    """
+
+    path: Path
+    format: str  # FORMAT or "official"
+    yaml: dict
+    state: dict
+    train_state: dict
+    names: dict[int, str]
+    stride: Optional[list[float]]
+    quant: Optional[dict]
+    weights: str  # which entry ``state`` came from: state_dict, ema_state_dict, ema or model
+    yaml_file: Optional[str]
+    raw: dict = field(repr=False)
+
+    @property
+    def epoch(self) -> int:
+        return int(self.raw.get("epoch", -1))
+
+
+def _own_record(path: Path, ckpt: dict) -> CheckpointRecord:
+    if ckpt.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {ckpt.get('version')} is newer than "
+                              f"this code reads ({FORMAT_VERSION})")
+    which = "ema_state_dict" if ckpt.get("ema_state_dict") else "state_dict"
+    quant = ckpt.get("quant")
+    return CheckpointRecord(path, FORMAT, ckpt["model_yaml"], ckpt[which],
+                            ckpt.get("train_state_dict") or ckpt["state_dict"],
+                            normalise_names(ckpt.get("names"), str(path)), _floats(ckpt.get("stride")),
+                            quant if isinstance(quant, dict) and quant else None, which,
+                            ckpt.get("yaml_file"), ckpt)
+
+
+def _official_record(path: Path, ckpt: dict) -> CheckpointRecord:
+    which = "ema" if ckpt.get("ema") is not None else "model"
+    module = ckpt[which]
+    if not isinstance(getattr(module, "yaml", None), dict):
+        raise CheckpointError(f"{path}: the pickled model has no yaml to rebuild it from")
+    state = module.state_dict()
+    train_module = ckpt.get("model") or ckpt.get("ema")  # training starts from the raw weights
+    train_state = train_module.float().state_dict()
+    return CheckpointRecord(path, "official", module.yaml, state, train_state,
+                            normalise_names(getattr(module, "names", None), str(path)),
+                            _floats(getattr(module, "stride", None)), None, which,
+                            getattr(module, "yaml_file", None), ckpt)
+
+
+def _floats(stride: Any) -> Optional[list[float]]:
+    if stride is None:
+        return None
+    return [float(s) for s in (stride.tolist() if isinstance(stride, torch.Tensor) else stride)]
+
+
+def read_checkpoint(path: str | Path) -> CheckpointRecord:
+    """Load a checkpoint of either format (safely, see :func:`load_checkpoint`) into a record.
+
+    Example:
+        >>> rec = read_checkpoint("best.pt")
+        >>> rec.names, rec.quant is not None      # class names, QAT or float
+    """
+    path = Path(path)
+    ckpt = load_checkpoint(path)
     if ckpt.get("format") == FORMAT:
-        if ckpt.get("version", 0) > FORMAT_VERSION:
-            raise CheckpointError(f"{path}: format version {ckpt.get('version')} is newer than "
-                                  f"this code reads ({FORMAT_VERSION})")
-        which = "ema_state_dict" if ckpt.get("ema_state_dict") else "state_dict"
-        return ckpt["model_yaml"], ckpt[which], ckpt.get("names") or {}, ckpt.get("stride"), which
+        return _own_record(path, ckpt)
     if is_official(ckpt):
-        which = "ema" if ckpt.get("ema") is not None else "model"
-        module = ckpt[which]
-        if not isinstance(getattr(module, "yaml", None), dict):
-            raise CheckpointError(f"{path}: the pickled model has no yaml to rebuild it from")
-        names = getattr(module, "names", None) or {}
-        stride = getattr(module, "stride", None)
-        return (module.yaml, module.state_dict(), names,
-                stride.tolist() if isinstance(stride, torch.Tensor) else stride, which)
+        return _official_record(path, ckpt)
     raise CheckpointError(f"{path}: neither an official YOLOv5 checkpoint nor format {FORMAT!r} "
                           f"(keys: {sorted(map(str, ckpt))[:6]})")
 
 
-def load_model(path: str | Path, device: Any = "cpu", act: Any = None,
-               fuse: bool = False) -> tuple[DetectionModel, dict]:
-    """Build a fresh DetectionModel from a checkpoint of either format; returns (model, meta).
+def build_float_model(record: CheckpointRecord, device: Any = "cpu", act: Any = None,
+                      fuse: bool = False) -> tuple[DetectionModel, dict]:
+    """A fresh float DetectionModel from a record's yaml and (EMA) weights; returns (model, meta).
 
-    Prefers EMA weights when present (as upstream's attempt_load). Weights become float32, the
-    model is in eval mode. ``act`` rebuilds with another activation (e.g. 'relu' to fine-tune).
-    ``fuse`` folds BatchNorm and freezes the parameters, for inference.
+    Weights become float32, the model is in eval mode. ``act`` rebuilds with another activation
+    (e.g. 'relu' to fine-tune). ``fuse`` folds BatchNorm and freezes the parameters, for inference.
     meta holds format, epoch, names, nc, stride, source and weights (which entry was used).
+    A QAT record is rebuilt by :func:`utils.qat.load_model` instead.
     """
-    path = Path(path)
-    ckpt = load_checkpoint(path)
-    yaml_dict, state, names, stride, which = _unpack(path, ckpt)
-    if ckpt.get("quant"):  # a QAT checkpoint: rebuild the prepared (fake-quantized) model
-        from utils.qat import rebuild_qat_model
-
-        model = rebuild_qat_model(path, ckpt, state, device)
-        meta = {"format": FORMAT, "epoch": ckpt.get("epoch", -1), "names": model.names, "nc": int(yaml_dict["nc"]),
-                "stride": [float(s) for s in stride], "source": str(path), "weights": which, "qat": True}
-        return model, meta
-    model = DetectionModel(deepcopy(yaml_dict), act=act)
+    path = record.path
+    model = DetectionModel(deepcopy(record.yaml), act=act)
     own = model.state_dict()
-    _check_keys(path, own, state)
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items() if k in own}
+    _check_keys(path, own, record.state)
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in record.state.items() if k in own}
     model.load_state_dict(state, strict=False)
-    names = dict(enumerate(names)) if isinstance(names, (list, tuple)) else dict(names)
-    model.names = names or model.names
-    yaml_file = ckpt.get("yaml_file") if which.endswith("state_dict") else getattr(ckpt[which], "yaml_file", None)
-    if yaml_file:
-        model.yaml_file = str(yaml_file)
-    if stride is not None and [float(s) for s in stride] != model.stride.tolist():
+    model.names = record.names or model.names
+    if record.yaml_file:
+        model.yaml_file = str(record.yaml_file)
+    if record.stride is not None and record.stride != model.stride.tolist():
         LOGGER.warning("%s: checkpoint stride %s differs from the rebuilt model's %s",
-                       path, stride, model.stride.tolist())
+                       path, record.stride, model.stride.tolist())
     model = model.to(device).eval()
     if fuse:
         model.fuse().requires_grad_(False)  # inference only: upstream reports "0 gradients" here
-    meta = {"format": FORMAT if ckpt.get("format") == FORMAT else "official",
-            "epoch": ckpt.get("epoch", -1), "names": model.names, "nc": int(model.yaml["nc"]),
-            "stride": model.stride.tolist(), "source": str(path), "weights": which}
+    meta = {"format": record.format if record.format == FORMAT else "official",
+            "epoch": record.epoch, "names": model.names, "nc": int(model.yaml["nc"]),
+            "stride": model.stride.tolist(), "source": str(path), "weights": record.weights}
     return model, meta

@@ -275,12 +275,13 @@ def seed_worker(worker_id: int) -> None:
 def create_dataloader(path: str | Path | Sequence, imgsz: int, batch_size: int, stride: int,
                       single_cls: bool = False, hyp: dict | None = None, augment: bool = False,
                       cache: str | bool | None = None, pad: float = 0.0, rect: bool = False, rank: int = -1,
-                      workers: int = 8, shuffle: bool = False, prefix: str = "", seed: int = 0
-                      ) -> tuple[DataLoader, LoadImagesAndLabels]:
+                      workers: int = 8, shuffle: bool = False, prefix: str = "", seed: int = 0,
+                      global_rank: int = -1) -> tuple[DataLoader, LoadImagesAndLabels]:
     """Build the dataset and a DataLoader over it, as upstream's ``create_dataloader``.
 
     Workers are capped by CPUs per GPU and by the batch size (0 for batch 1); a
-    DistributedSampler is used when ``rank != -1``; shuffling is seeded.
+    DistributedSampler is used when ``rank`` (the local rank) is not -1; shuffling is seeded by ``seed``
+    and the process's ``global_rank`` (-1 outside DDP).
 
     Example:
         >>> src = "coco128/images/train2017"
@@ -296,7 +297,7 @@ def create_dataloader(path: str | Path | Sequence, imgsz: int, batch_size: int, 
     nw = min((os.cpu_count() or 1) // max(nd, 1), batch_size if batch_size > 1 else 0, workers)
     sampler = None if rank == -1 else distributed.DistributedSampler(dataset, shuffle=shuffle)
     generator = torch.Generator()
-    generator.manual_seed(_SEED_OFFSET + seed + int(os.getenv("RANK", -1)))
+    generator.manual_seed(_SEED_OFFSET + seed + global_rank)
     pin = torch.cuda.is_available() and os.getenv("PIN_MEMORY", "true").lower() == "true"
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, num_workers=nw,
                         sampler=sampler, pin_memory=pin, collate_fn=LoadImagesAndLabels.collate_fn,

@@ -1,13 +1,13 @@
 """The validation loop: run a detector over a dataloader and score it as YOLOv5 v7.0 does.
 
-`evaluate()` is what `val.py` and the training loop both call. It knows nothing of files on disk
+`validate()` is what `val.run` and the training loop both call; `evaluate()` is its loop. It knows nothing of files on disk
 beyond the optional writers passed to it, so it can score a float model, a QAT model or an ONNX
 session wrapped as a callable.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from utils.boxes import scale_boxes, xywh2xyxy
 from utils.log import TQDM_BAR_FORMAT
-from utils.metrics import ConfusionMatrix, ap_per_class, match_predictions_torch
+from utils.metrics import ConfusionMatrix, at_best_f1, match_predictions_torch, pr_curves
 from utils.nms import non_max_suppression
 from utils.torch_utils import time_sync
 
@@ -151,8 +151,44 @@ def evaluate(
     if compute_loss is not None:
         result.loss = loss.cpu() / max(len(dataloader), 1)
     if confusion is not None and save_dir is not None:
-        confusion.plot(save_dir=save_dir, names=list(names.values()))
+        from utils.plots import plot_confusion_matrix
+
+        plot_confusion_matrix(confusion.matrix, save_dir=save_dir, names=list(names.values()))
     return result
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, dataloader, data: dict, options: EvalOptions = EvalOptions(), *,
+             compute_loss: Optional[Callable] = None, save_dir: Optional[Path] = None, plots: bool = False,
+             on_image: Optional[Callable] = None, per_class: bool = False, batch_shape=None,
+             device: Optional[torch.device] = None) -> EvalResult:
+    """Score a built PyTorch detector (or an ONNX session wrapper) on ``dataloader`` and print the table.
+
+    What both training (every epoch, on its EMA model) and ``val.run`` (after loading a file) call.
+    ``data`` is a loaded dataset config (``nc``, ``names``); ``options.half`` runs in fp16 (ignored on
+    CPU). ``per_class`` adds a row per class; ``batch_shape`` adds the speed line. ``device`` defaults
+    to the model's (give it for a model without parameters, e.g. an ONNX session).
+
+    Example:
+        >>> result = validate(model, loader, load_data_config("coco128.yaml"), EvalOptions(iou_thres=0.65))
+        >>> result.map50, result.map
+    """
+    device = device if device is not None else next(model.parameters()).device
+    options = replace(options, half=options.half and device.type != "cpu")
+    model = model.half() if options.half else model.float()
+    model.eval()
+    nc = 1 if options.single_cls else int(data["nc"])
+    names = {0: "item"} if options.single_cls and len(data["names"]) != 1 else dict(data["names"])
+    result = evaluate(model, dataloader, device, nc, names, options, compute_loss=compute_loss,
+                      save_dir=save_dir if plots else None, plots=plots, on_image=on_image)
+    print_results(result, names, per_class=per_class, batch_shape=batch_shape)
+    return result
+
+
+def result_tuple(result: EvalResult) -> tuple[tuple, np.ndarray, tuple]:
+    """val.run's return value: ((P, R, mAP50, mAP50-95, *mean losses), per-class mAPs, speeds in ms)."""
+    losses = result.loss.tolist() if result.loss is not None else [0.0, 0.0, 0.0]
+    return (result.mp, result.mr, result.map50, result.map, *losses), result.maps, result.speeds_ms
 
 
 def _summarise(stats, nc, names, plots, save_dir) -> EvalResult:
@@ -164,8 +200,12 @@ def _summarise(stats, nc, names, plots, save_dir) -> EvalResult:
     tp, conf, pred_cls, target_cls = (torch.cat(x, 0).cpu().numpy() for x in zip(*stats))
     result.instances = np.bincount(target_cls.astype(int), minlength=nc)
     if tp.shape[0] and tp.any():
-        _, _, p, r, _, ap, ap_class = ap_per_class(tp, conf, pred_cls, target_cls, plot=plots and save_dir is not None,
-                                                   save_dir=save_dir or Path("."), names=names)
+        curves, nt = pr_curves(tp, conf, pred_cls, target_cls)
+        if plots and save_dir is not None:
+            from utils.plots import plot_pr_curves
+
+            plot_pr_curves(curves, save_dir, names)
+        _, _, p, r, _, ap, ap_class = at_best_f1(curves, nt)
         result.ap50, result.ap = ap[:, 0], ap.mean(1)
         result.p, result.r, result.ap_class = p, r, ap_class
         result.mp, result.mr = float(p.mean()), float(r.mean())

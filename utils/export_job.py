@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 import yaml
 
+from utils.names import normalise_names
 from utils.onnx_backend import import_optional
 from utils.onnx_check import FLOAT_TOL, HALF_TOL, CheckResult, sample_batch, verify_onnx
 from utils.onnx_export import (ExportError, OnnxOptions, build_metadata, check_include, export_onnx_float,
@@ -97,11 +98,9 @@ def names_from_data(data: str | Path, nc: int) -> dict[int, str]:
     with open(path, encoding="utf-8") as fh:
         cfg = yaml.safe_load(fh)
     names = cfg.get("names") if isinstance(cfg, dict) else None
-    if isinstance(names, (list, tuple)):
-        names = dict(enumerate(names))
-    if not isinstance(names, dict) or not names:
+    if not isinstance(names, (list, tuple, dict)) or not names:
         raise ExportError(f"{path}: no 'names' list or mapping in the dataset yaml")
-    names = {int(k): str(v) for k, v in names.items()}
+    names = normalise_names(names, str(path))
     if len(names) != nc:
         raise ExportError(f"{path}: has {len(names)} class names but the model has {nc} classes")
     return names
@@ -130,37 +129,41 @@ def _verify(file: Path, model: torch.nn.Module, options: OnnxOptions, inputs: li
     return checks
 
 
-def _raw_twin(file: Path, prepared: torch.nn.Module, im: torch.Tensor, options: OnnxOptions, tmp: Path) -> Path:
-    """The raw-head file to compare: ``file`` itself, or a raw-head export of the same model in ``tmp``."""
+def _raw_twin(file: Path, prepared: torch.nn.Module, im: torch.Tensor, options: OnnxOptions, tmp: Path,
+              converted: torch.nn.Module) -> Path:
+    """The raw-head file to compare: ``file`` itself, or a raw-head export of the same converted model in ``tmp``."""
     if options.raw_head:
         return file
     from dataclasses import replace
 
     twin = tmp / f"{file.stem}_raw.onnx"
-    export_onnx_qdq(prepared, im, twin, replace(options, raw_head=True))
+    export_onnx_qdq(prepared, im, twin, replace(options, raw_head=True), converted=converted)
     return twin
 
 
-def verify_qdq(file: Path, prepared: torch.nn.Module, inputs: list[torch.Tensor], options: OnnxOptions) -> list[QdqCheck]:
+def verify_qdq(file: Path, prepared: torch.nn.Module, inputs: list[torch.Tensor], options: OnnxOptions,
+               converted: torch.nn.Module | None = None) -> list[QdqCheck]:
     """Compare the QDQ file's raw head maps in onnxruntime with PyTorch's (see QdqCheck for the rule).
 
     A decoded file is checked through a raw-head twin exported to a temporary folder (the decoded
     output mixes box pixels and sigmoid scores, whose errors are not in quantization steps); the
-    decoded file itself must load and run. See QDQ_MIN_FRACTION for the rule.
+    decoded file itself must load and run. See QDQ_MIN_FRACTION for the rule. ``converted`` is the
+    export's converted module (:class:`quant.export.QdqExport`); without it the model is converted here.
     """
     import tempfile
 
     from quant.export import convert_for_export
     from quant.qdq_onnx import output_steps
 
+    converted = converted if converted is not None else convert_for_export(prepared).float()
     onnx = import_optional("onnx", "checking the exported ONNX model")
     ort = import_optional("onnxruntime", "checking the exported ONNX model")
     checks = []
     with tempfile.TemporaryDirectory() as tmp:
-        raw = _raw_twin(file, prepared, inputs[0], options, Path(tmp))
+        raw = _raw_twin(file, prepared, inputs[0], options, Path(tmp), converted)
         steps = output_steps(onnx.load(str(raw)))
         sessions = [ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]) for f in dict.fromkeys([raw, file])]
-        folded = prepare_for_export(convert_for_export(prepared), raw_head=True)
+        folded = prepare_for_export(converted, raw_head=True)
         qat = prepare_for_export(prepared, raw_head=True)
         for x in inputs:
             feeds = {sessions[0].get_inputs()[0].name: x.float().numpy()}
@@ -202,7 +205,7 @@ def _output_dir(weights: Path) -> Path:
 
 
 def _load(weights: Path, device: torch.device, half: bool) -> tuple[torch.nn.Module, dict]:
-    from utils.checkpoint import load_model
+    from utils.qat import load_model
 
     model, meta = load_model(weights, device="cpu", fuse=True)
     model = model.to(device if half else torch.device("cpu"))  # fp16 only exports on CUDA
@@ -282,10 +285,10 @@ def _export_qat(model: torch.nn.Module, im: torch.Tensor, file: Path, options: O
     quant = {"scheme": QUANT_SCHEME, "ranges": ranges_file.name}
     metadata = build_metadata(model, names, size, batch_size, options, source=weights.name, quant=quant)
     LOGGER.info("ONNX: QAT checkpoint, exporting INT8 QDQ (power-of-2 scales)")
-    ranges = export_onnx_qdq(model, im, file, options, metadata)
-    ranges_file.write_text(json.dumps(ranges, indent=1), encoding="utf-8")
+    exported = export_onnx_qdq(model, im, file, options, metadata)
+    ranges_file.write_text(json.dumps(exported.ranges, indent=1), encoding="utf-8")
     LOGGER.info("ONNX: quantization ranges saved to %s", ranges_file)
-    checks = verify_qdq(file, model, inputs, options)
+    checks = verify_qdq(file, model, inputs, options, converted=exported.converted)
     for check in checks:
         LOGGER.info("ONNX QDQ check: onnxruntime vs PyTorch QAT, %s", check.line())
     if any(c.qat_within < QDQ_MIN_FRACTION for c in checks):

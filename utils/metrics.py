@@ -6,8 +6,8 @@ printed P, R, mAP50 and mAP50-95 are identical for identical predictions.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Mapping, Sequence, Union
+from dataclasses import dataclass
+from typing import Union
 
 import numpy as np
 import torch
@@ -19,12 +19,17 @@ LOGGER = logging.getLogger(__name__)
 FITNESS_WEIGHTS = (0.0, 0.0, 0.1, 0.9)  # P, R, mAP50, mAP50-95
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2.0 only has the old name
 
-__all__ = ["fitness", "smooth", "compute_ap", "ap_per_class", "match_predictions", "match_predictions_torch",
+__all__ = ["fitness", "smooth", "compute_ap", "PRCurves", "pr_curves", "at_best_f1", "ap_per_class", "match_predictions", "match_predictions_torch",
            "ConfusionMatrix"]
 
 
-def fitness(x: np.ndarray) -> np.ndarray:
-    """Model fitness per row of ``x`` (n, >=4) [P, R, mAP50, mAP50-95, ...]: 0.1 mAP50 + 0.9 mAP50-95."""
+def fitness(results) -> Union[float, np.ndarray]:
+    """0.1 mAP50 + 0.9 mAP50-95 of [P, R, mAP50, mAP50-95, ...]: a float for one result, an array per row
+    for a 2-D array of them. The one definition training (best.pt, early stopping) uses.
+    """
+    x = np.asarray(results, dtype=np.float64)
+    if x.ndim == 1:
+        return FITNESS_WEIGHTS[2] * float(x[2]) + FITNESS_WEIGHTS[3] * float(x[3])
     return (x[:, :4] * list(FITNESS_WEIGHTS)).sum(1)
 
 
@@ -50,31 +55,28 @@ def compute_ap(recall: np.ndarray, precision: np.ndarray) -> tuple[float, np.nda
     return ap, mpre, mrec
 
 
-def _class_names(names: Union[Mapping, Sequence], unique_classes: np.ndarray) -> dict:
-    """Names of the classes present in the labels, re-indexed 0..k-1 in class order (for legends)."""
-    items = names.items() if isinstance(names, Mapping) else enumerate(names)
-    return dict(enumerate(v for k, v in items if k in unique_classes))
+@dataclass
+class PRCurves:
+    """Per-class curves behind AP: what the evaluation plots (see utils.plots.plot_pr_curves).
+
+    ``px`` is the 1000-point grid (confidence for p/r/f1, recall for ``py``); ``p``, ``r``, ``f1`` are
+    (k, 1000) over confidence; ``py`` one precision-at-recall array per class with labels (AP50
+    curve); ``ap`` (k, t); ``classes`` the k classes that have labels.
+    """
+
+    px: np.ndarray
+    py: list
+    p: np.ndarray
+    r: np.ndarray
+    f1: np.ndarray
+    ap: np.ndarray
+    classes: np.ndarray
 
 
-def _plot_curves(px, py, f1, p, r, ap, save_dir, names, prefix) -> None:
-    from utils.plots import plot_mc_curve, plot_pr_curve
-
-    save_dir = Path(save_dir)
-    plot_pr_curve(px, py, ap, save_dir / f"{prefix}PR_curve.png", names)
-    plot_mc_curve(px, f1, save_dir / f"{prefix}F1_curve.png", names, ylabel="F1")
-    plot_mc_curve(px, p, save_dir / f"{prefix}P_curve.png", names, ylabel="Precision")
-    plot_mc_curve(px, r, save_dir / f"{prefix}R_curve.png", names, ylabel="Recall")
-
-
-def ap_per_class(tp: np.ndarray, conf: np.ndarray, pred_cls: np.ndarray, target_cls: np.ndarray,
-                 plot: bool = False, save_dir: Union[str, Path] = Path(), names=(), eps: float = 1e-16,
-                 prefix: str = ""):
-    """Per-class AP at each IoU threshold and P, R, F1 at the confidence of best mean F1.
-
-    ``tp`` (n, t) says which of n predictions are correct at each of t IoU thresholds; ``conf`` and
-    ``pred_cls`` (n,) describe them; ``target_cls`` (m,) holds every label's class. Returns
-    (tp, fp, p, r, f1, ap, unique_classes): counts, precision, recall and F1 (k,) for the k
-    classes that have labels, ap (k, t), and those classes as ints.
+def pr_curves(tp: np.ndarray, conf: np.ndarray, pred_cls: np.ndarray, target_cls: np.ndarray,
+              eps: float = 1e-16) -> tuple[PRCurves, np.ndarray]:
+    """Per-class precision/recall/F1 over confidence and AP at each IoU threshold; returns
+    (curves, label count per class). Inputs as :func:`ap_per_class`.
     """
     i = np.argsort(-conf)
     tp, conf, pred_cls = tp[i], conf[i], pred_cls[i]
@@ -97,18 +99,34 @@ def ap_per_class(tp: np.ndarray, conf: np.ndarray, pred_cls: np.ndarray, target_
         p[ci] = np.interp(-px, -conf[i], precision[:, 0], left=1)
         for j in range(tp.shape[1]):
             ap[ci, j], mpre, mrec = compute_ap(recall[:, j], precision[:, j])
-            if plot and j == 0:
+            if j == 0:
                 py.append(np.interp(px, mrec, mpre))
 
     f1 = 2 * p * r / (p + r + eps)
-    if plot:
-        _plot_curves(px, py, f1, p, r, ap, save_dir, _class_names(names, unique_classes), prefix)
+    return PRCurves(px, py, p, r, f1, ap, unique_classes.astype(int)), nt
 
-    i = smooth(f1.mean(0), 0.1).argmax()
-    p, r, f1 = p[:, i], r[:, i], f1[:, i]
+
+def at_best_f1(curves: PRCurves, nt: np.ndarray, eps: float = 1e-16):
+    """(tp, fp, p, r, f1, ap, classes) at the confidence of best smoothed mean F1 (upstream's choice)."""
+    i = smooth(curves.f1.mean(0), 0.1).argmax()
+    p, r, f1 = curves.p[:, i], curves.r[:, i], curves.f1[:, i]
     tp = (r * nt).round()
     fp = (tp / (p + eps) - tp).round()
-    return tp, fp, p, r, f1, ap, unique_classes.astype(int)
+    return tp, fp, p, r, f1, curves.ap, curves.classes
+
+
+def ap_per_class(tp: np.ndarray, conf: np.ndarray, pred_cls: np.ndarray, target_cls: np.ndarray,
+                 eps: float = 1e-16):
+    """Per-class AP at each IoU threshold and P, R, F1 at the confidence of best mean F1.
+
+    ``tp`` (n, t) says which of n predictions are correct at each of t IoU thresholds; ``conf`` and
+    ``pred_cls`` (n,) describe them; ``target_cls`` (m,) holds every label's class. Returns
+    (tp, fp, p, r, f1, ap, unique_classes): counts, precision, recall and F1 (k,) for the k
+    classes that have labels, ap (k, t), and those classes as ints. The curves behind them:
+    :func:`pr_curves`.
+    """
+    curves, nt = pr_curves(tp, conf, pred_cls, target_cls, eps)
+    return at_best_f1(curves, nt, eps)
 
 
 def _unique_matches(iou: torch.Tensor, hit: torch.Tensor) -> np.ndarray:
@@ -214,12 +232,6 @@ class ConfusionMatrix:
         tp = self.matrix.diagonal()
         fp = self.matrix.sum(1) - tp
         return tp[:-1], fp[:-1]
-
-    def plot(self, normalize: bool = True, save_dir: Union[str, Path] = "", names=()) -> Path:
-        """Save confusion_matrix.png in ``save_dir`` (columns normalised to sum 1 when ``normalize``)."""
-        from utils.plots import plot_confusion_matrix
-
-        return plot_confusion_matrix(self.matrix, normalize=normalize, save_dir=save_dir, names=names)
 
     def print(self) -> None:
         """Log the matrix, one row per line."""

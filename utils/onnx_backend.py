@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from utils.names import normalise_names
+
 __all__ = ["PRODUCER", "OnnxModel", "decode_raw_maps", "import_optional", "load_onnx_model", "onnxruntime_errors",
            "parse_metadata", "session_providers"]
 
@@ -69,10 +71,7 @@ def parse_metadata(props: dict[str, str], input_shape: list, output_shapes: list
 
     Files from upstream YOLOv5 carry only 'stride' and 'names'; the rest is inferred from shapes.
     """
-    names = _literal(props.get("names"), {})
-    if isinstance(names, (list, tuple)):
-        names = dict(enumerate(names))
-    names = {int(k): str(v) for k, v in dict(names).items()}
+    names = normalise_names(_literal(props.get("names"), {}), source)
     raw_head = bool(_literal(props.get("raw_head"), False))
     no = _dim(output_shapes[0][-1]) if output_shapes and output_shapes[0] else None
     nc = int(_literal(props.get("nc"), 0)) or len(names) or ((no - 5) if no else 0)

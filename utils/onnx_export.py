@@ -239,38 +239,35 @@ def export_onnx_float(model: nn.Module, im: torch.Tensor, file: Path, options: O
 
 
 def export_onnx_qdq(prepared: nn.Module, im: torch.Tensor, file: Path, options: OnnxOptions = OnnxOptions(),
-                    metadata: dict[str, str] | None = None) -> dict[str, Any]:
-    """Write a QDQ ONNX file of a prepared (QAT) model traced on ``im``; returns its ranges (the
-    ``.ranges.json`` content, see :func:`quant.export.quant_ranges`).
-
-    BN is folded, weights are int8 per output channel with the trained exponents, biases int32 at
-    s_in * s_w, activations uint8/int8 with power-of-2 scales; the structure is checked with
-    :func:`quant.qdq_onnx.check_qdq_structure`. fp16 and the dynamo exporter are refused.
+                    metadata: dict[str, str] | None = None, converted: nn.Module | None = None):
+    """Write a QDQ ONNX file of a prepared (QAT) model traced on ``im`` through
+    :func:`quant.export.export_qdq` (BN folded, int8 per-channel weights, int32 biases at s_in * s_w,
+    uint8/int8 activations with power-of-2 scales, structure checked); here only the YOLO wrapper,
+    the exporter options and the metadata are added. Returns the :class:`quant.export.QdqExport`
+    (its ``ranges`` are the ``.ranges.json`` content). fp16 and the dynamo exporter are refused.
     """
-    from quant.export import convert_for_export, quant_ranges, recording_quantizer_calls
-    from quant.qdq_onnx import check_qdq_structure, finalize_qdq_onnx
+    from quant.export import export_qdq
 
     options.validate()
     if options.half or options.exporter != "torchscript":
         raise ExportError(f"{file}: a QAT model exports as INT8 QDQ with the torchscript exporter only "
                           f"(got half={options.half}, exporter={options.exporter!r})")
-    onnx = import_optional("onnx", "ONNX export")
-    wrapper = prepare_for_export(convert_for_export(prepared).float(), options.raw_head)
-    _, outputs = io_names(_detect(wrapper.model).nl, options.raw_head)
+    import_optional("onnx", "ONNX export")
+    _, outputs = io_names(_detect(prepared).nl, options.raw_head)
     file = Path(file)
-    with recording_quantizer_calls(wrapper) as calls:
-        _torch_export(wrapper, im.float(), file, options, outputs)
-    model = finalize_qdq_onnx(onnx.load(str(file)))
     try:
-        summary = check_qdq_structure(model)
-        ranges = quant_ranges(prepared, wrapper, model, calls)
+        result = export_qdq(prepared, im, file, wrap=lambda m: prepare_for_export(m, options.raw_head),
+                            torch_export=lambda m, x, f: _torch_export(m, x, f, options, outputs),
+                            converted=converted)
+    except ExportError:
+        raise
     except ValueError as err:
         raise ExportError(f"{file}: {err}") from err
     if options.simplify:
         LOGGER.warning("ONNX: --simplify skipped for a QDQ model (simplifiers may fold Q/DQ pairs)")
-    onnx.save(model, str(file))
     write_metadata(file, metadata or {})
+    summary = result.summary
     LOGGER.info("ONNX QDQ: %d QuantizeLinear, %d DequantizeLinear, zero points %s, %d aligned concats",
                 summary["quantize"], summary["dequantize"], summary["zero_point_dtypes"], summary["aligned_concats"])
-    ranges["onnx_summary"] = summary
-    return ranges
+    result.ranges["onnx_summary"] = summary
+    return result

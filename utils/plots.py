@@ -23,7 +23,7 @@ LOGGER = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
 
-__all__ = ["class_color", "plot_pr_curve", "plot_mc_curve", "plot_confusion_matrix", "plot_images",
+__all__ = ["class_color", "plot_pr_curve", "plot_mc_curve", "plot_pr_curves", "plot_confusion_matrix", "plot_images",
            "plot_results"]
 
 RESULTS_PANELS = (  # results.csv columns, in upstream's 2 x 5 layout
@@ -97,6 +97,22 @@ def plot_mc_curve(px: np.ndarray, py: np.ndarray, save_dir: PathLike = Path("mc_
         ax.legend(bbox_to_anchor=(1.04, 1), loc="upper left")
     ax.set(xlabel=xlabel, ylabel=ylabel, xlim=(0, 1), ylim=(0, 1), title=f"{ylabel}-Confidence Curve")
     return _save(fig, save_dir)
+
+
+def _present_class_names(names: Union[Mapping, Sequence], classes: np.ndarray) -> dict:
+    """Names of the classes present in the labels, re-indexed 0..k-1 in class order (for legends)."""
+    items = names.items() if isinstance(names, Mapping) else enumerate(names)
+    return dict(enumerate(v for k, v in items if k in classes))
+
+
+def plot_pr_curves(curves, save_dir: PathLike, names=(), prefix: str = "") -> list[Path]:
+    """The four curve files of a validation run (PR, F1, P, R) from :class:`utils.metrics.PRCurves`."""
+    save_dir = Path(save_dir)
+    names = _present_class_names(names, curves.classes)
+    return [plot_pr_curve(curves.px, curves.py, curves.ap, save_dir / f"{prefix}PR_curve.png", names),
+            plot_mc_curve(curves.px, curves.f1, save_dir / f"{prefix}F1_curve.png", names, ylabel="F1"),
+            plot_mc_curve(curves.px, curves.p, save_dir / f"{prefix}P_curve.png", names, ylabel="Precision"),
+            plot_mc_curve(curves.px, curves.r, save_dir / f"{prefix}R_curve.png", names, ylabel="Recall")]
 
 
 def plot_confusion_matrix(matrix: np.ndarray, normalize: bool = True, save_dir: PathLike = "",

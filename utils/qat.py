@@ -4,6 +4,7 @@ quant/ knows nothing of YOLO; this module supplies the YOLO-specific pieces: the
 leaf for torch.fx, `model.<i>.…` names map to layer index i for `layer:<i>` rules, and a QAT
 checkpoint stores the float model's yaml, the prepared model's state and the quant config, so
 `rebuild_qat_model` can call `prepare` again and load the state (checkpoints stay plain data).
+`load_model` is the one place that tells a float checkpoint from a QAT one.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 
+from models.yolo import DetectionModel
+from utils.checkpoint import FORMAT, CheckpointRecord, build_float_model, read_checkpoint
 from utils.paths import ROOT
 
 LOGGER = logging.getLogger(__name__)
@@ -48,7 +51,8 @@ def load_quant_config(config: Union[str, Path, dict, Any, None]):
 
 
 def prepare_qat_model(model: nn.Module, imgsz: int, config=None, graph_dir: Optional[Path] = None) -> nn.Module:
-    """Fuse and insert power-of-2 fake quantizers into a float DetectionModel (returns a new module)."""
+    """Fuse and insert power-of-2 fake quantizers into a float DetectionModel (returns a new
+    :class:`quant.prepare.PreparedModel`, traced at ``imgsz``)."""
     from quant.prepare import prepare
 
     config = load_quant_config(config)
@@ -58,10 +62,14 @@ def prepare_qat_model(model: nn.Module, imgsz: int, config=None, graph_dir: Opti
                        "prepare. Convert first (train.py --act relu) for an integer-only network.")
     device = next(model.parameters()).device
     example = torch.zeros(1, 3, imgsz, imgsz, device=device)
-    prepared = prepare(model, example, config, layer_index_of=yolo_layer_index, graph_dir=graph_dir)
-    prepared.qat_config = config
-    prepared.qat_imgsz = int(imgsz)
-    return prepared
+    return prepare(model, example, config, layer_index_of=yolo_layer_index, graph_dir=graph_dir)
+
+
+def is_prepared(model: Any) -> bool:
+    """True for a fake-quantized model (what prepare returned, or its EMA copy)."""
+    from quant.prepare import PreparedModel
+
+    return isinstance(model, PreparedModel)
 
 
 def calibrate_on_training_images(prepared: nn.Module, data: dict, imgsz: int, n_images: int, device: Any = "cpu",
@@ -79,33 +87,48 @@ def calibrate_on_training_images(prepared: nn.Module, data: dict, imgsz: int, n_
     source = data.get("train") or data["val"]
     loader = create_dataloader(source, imgsz, 32, stride, rect=False, workers=workers, shuffle=True,
                                prefix=colorstr("calibration: "))[0]
-    return post_training_quantize(prepared, loader, n_images, prepared.qat_config, device)
+    return post_training_quantize(prepared, loader, n_images, prepared.quant_config, device)
 
 
 def qat_checkpoint_entry(prepared: nn.Module) -> dict:
     """The plain-data 'quant' entry of a QAT checkpoint."""
-    return {"version": QAT_ENTRY_VERSION, "config": prepared.qat_config.to_dict(), "imgsz": prepared.qat_imgsz}
+    return {"version": QAT_ENTRY_VERSION, "config": prepared.quant_config.to_dict(),
+            "imgsz": int(prepared.example_shape[-1])}
 
 
-def is_qat_checkpoint(ckpt: dict) -> bool:
-    return isinstance(ckpt, dict) and isinstance(ckpt.get("quant"), dict)
-
-
-def rebuild_qat_model(path: Path, ckpt: dict, state: dict, device: Any = "cpu") -> nn.Module:
-    """Prepare a fresh model exactly as training did and load the checkpoint's QAT state into it."""
-    from models.yolo import DetectionModel
-
-    entry = ckpt["quant"]
+def rebuild_qat_model(record: CheckpointRecord, state: Optional[dict] = None, device: Any = "cpu") -> nn.Module:
+    """Prepare a fresh model exactly as training did and load the checkpoint's QAT state into it
+    (``state`` defaults to the record's evaluation weights)."""
+    path, entry = record.path, record.quant
     if entry.get("version") != QAT_ENTRY_VERSION:
         raise ValueError(f"{path}: QAT entry version {entry.get('version')} is not supported "
                          f"(expected {QAT_ENTRY_VERSION})")
-    model = DetectionModel(deepcopy(ckpt["model_yaml"]))
+    model = DetectionModel(deepcopy(record.yaml))
     prepared = prepare_qat_model(model, int(entry["imgsz"]), entry["config"])
+    state = record.state if state is None else state
     missing, unexpected = prepared.load_state_dict(
         {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: QAT state does not match the rebuilt model: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
-    names = ckpt.get("names") or {}
-    prepared.names = dict(enumerate(names)) if isinstance(names, (list, tuple)) else dict(names)
+    prepared.names = dict(record.names)
     return prepared.to(device).eval()
+
+
+def load_model(path: Union[str, Path], device: Any = "cpu", act: Any = None,
+               fuse: bool = False) -> tuple[nn.Module, dict]:
+    """A model from a checkpoint of either format, float or QAT; returns (model, meta).
+
+    Float checkpoints: :func:`utils.checkpoint.build_float_model` (``act``, ``fuse`` apply). QAT
+    checkpoints are prepared again and get their state back; meta then has ``qat: True``.
+
+    Example:
+        >>> model, meta = load_model("runs/train/exp/weights/best.pt")
+    """
+    record = read_checkpoint(path)
+    if record.quant is None:
+        return build_float_model(record, device=device, act=act, fuse=fuse)
+    model = rebuild_qat_model(record, device=device)
+    meta = {"format": FORMAT, "epoch": record.epoch, "names": model.names, "nc": int(record.yaml["nc"]),
+            "stride": list(record.stride), "source": str(record.path), "weights": record.weights, "qat": True}
+    return model, meta

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from models.yolo import DetectionModel
-from utils.checkpoint import (FORMAT, CheckpointError, is_official, load_checkpoint, make_checkpoint,
-                              save_checkpoint, transfer_state_dict)
+from utils.checkpoint import (CheckpointError, CheckpointRecord, make_checkpoint, read_checkpoint, save_checkpoint,
+                              transfer_state_dict)
 from utils.torch_utils import de_parallel, linear_lr, one_cycle, smart_optimizer
 
 LOGGER = logging.getLogger(__name__)
@@ -47,37 +47,21 @@ def check_hyp(hyp: Any, source: str | Path = "hyp") -> dict:
     return hyp
 
 
-def _weights_entry(path: Path, ckpt: dict) -> tuple[dict, dict, dict]:
-    """(model yaml, state dict to start from, names) of a checkpoint of either format.
-
-    Like upstream, training starts from the raw (non-EMA) weights when a checkpoint has them.
-    """
-    if ckpt.get("format") == FORMAT:
-        state = ckpt.get("train_state_dict") or ckpt["state_dict"]
-        return ckpt["model_yaml"], state, ckpt.get("names") or {}
-    if is_official(ckpt):
-        module = ckpt.get("model") or ckpt.get("ema")
-        names = getattr(module, "names", None) or {}
-        names = dict(enumerate(names)) if isinstance(names, (list, tuple)) else dict(names)
-        return module.yaml, module.float().state_dict(), names
-    raise CheckpointError(f"{path}: neither an official YOLOv5 checkpoint nor format {FORMAT!r}")
-
-
 def build_model(weights: str | Path | None, cfg: str | Path | None, nc: int, hyp: dict, act: str | None,
-                resume: bool, device: torch.device) -> tuple[DetectionModel, dict | None]:
+                resume: bool, device: torch.device) -> tuple[DetectionModel, CheckpointRecord | None]:
     """The model to train: from ``weights`` (transferring what fits) or from the ``cfg`` yaml.
 
-    Returns the model and the loaded checkpoint dict (None when built from a yaml only).
+    Like upstream, training starts from the raw (non-EMA) weights when a checkpoint has them.
+    Returns the model and the checkpoint record (None when built from a yaml only).
     """
     anchors = hyp.get("anchors")
     if weights:
-        ckpt = load_checkpoint(weights)
-        yaml_dict, state, _ = _weights_entry(Path(weights), ckpt)
-        model = DetectionModel(cfg or yaml_dict, ch=3, nc=nc, anchors=anchors, act=act)
+        record = read_checkpoint(weights)
+        model = DetectionModel(cfg or record.yaml, ch=3, nc=nc, anchors=anchors, act=act)
         exclude = ("anchor",) if (cfg or anchors) and not resume else ()
-        n = transfer_state_dict(model, state, exclude=exclude)
+        n = transfer_state_dict(model, record.train_state, exclude=exclude)
         LOGGER.info(f"Transferred {n}/{len(model.state_dict())} items from {weights}")
-        return model.to(device), ckpt
+        return model.to(device), record
     if not cfg:
         raise ValueError("train: give --weights (a .pt file) or --cfg (a model yaml), e.g. --cfg yolov5n.yaml")
     return DetectionModel(cfg, ch=3, nc=nc, anchors=anchors, act=act).to(device), None
@@ -127,11 +111,6 @@ def scale_loss_gains(hyp: dict, nl: int, nc: int, imgsz: int, label_smoothing: f
     return hyp
 
 
-def fitness(results: tuple | list) -> float:
-    """0.1 * mAP50 + 0.9 * mAP50-95 of (P, R, mAP50, mAP50-95, ...)."""
-    return 0.1 * float(results[2]) + 0.9 * float(results[3])
-
-
 def get_rng_state() -> dict:
     """torch, numpy and python random states as plain data (loadable with weights_only=True)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -153,11 +132,10 @@ def set_rng_state(state: dict) -> None:
 def training_checkpoint(model: nn.Module, ema: Any, optimizer: torch.optim.Optimizer, epoch: int,
                         best_fitness: float, opt: dict, train_state: dict) -> dict:
     """Our checkpoint: EMA weights (float32) as 'state_dict', plus what an exact resume needs."""
-    quant = None
-    if hasattr(ema.ema, "qat_config"):  # a prepared (fake-quantized) model: record how to rebuild it
-        from utils.qat import qat_checkpoint_entry
+    from utils.qat import is_prepared, qat_checkpoint_entry
 
-        quant = qat_checkpoint_entry(ema.ema)
+    # a prepared (fake-quantized) model: record how to rebuild it
+    quant = qat_checkpoint_entry(ema.ema) if is_prepared(ema.ema) else None
     ckpt = make_checkpoint(ema.ema, epoch=epoch, best_fitness=best_fitness, hyp=getattr(ema.ema, "hyp", None),
                            opt=opt, optimizer=optimizer.state_dict(), updates=ema.updates, quant=quant)
     ckpt["train_state_dict"] = {k: v.detach().cpu().clone() for k, v in de_parallel(model).state_dict().items()}

@@ -6,19 +6,17 @@ counted; too many in a row stop the run, keeping the last good checkpoint), SIGI
 stops, and checkpoints carry random states so a resumed run ends with the same weights.
 
 Example:
-    >>> trainer = Trainer(opt, device, save_dir)   # opt: a namespace with train.py's flags
+    >>> trainer = Trainer(TrainConfig.from_namespace(opt), device, save_dir, DistContext.from_env())
     >>> results = trainer.fit()
 """
 from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -26,18 +24,21 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-import val as validate
 from utils.autoanchor import check_anchors
 from utils.callbacks_log import ResultsLogger
-from utils.checkpoint import load_model, save_checkpoint
+from utils.checkpoint import CheckpointRecord, save_checkpoint
 from utils.data_config import check_img_size, load_data_config
 from utils.dataset import create_dataloader
+from utils.evaluate import EvalOptions, result_tuple, validate
 from utils.log import TQDM_BAR_FORMAT, colorstr
 from utils.loss import ComputeLoss
 from utils.plots import plot_images, plot_results
+from utils.qat import load_model
 from utils.torch_utils import EarlyStopping, ModelEMA, de_parallel, torch_distributed_zero_first, use_channels_last
+from utils.train_config import DistContext, TrainConfig
 from utils.train_guard import NonFiniteLossError, StepGuard, StopOnSigint
-from utils.train_setup import (build_model, fitness, freeze_layers, get_rng_state, lr_lambda, make_optimizer,
+from utils.metrics import fitness
+from utils.train_setup import (build_model, freeze_layers, get_rng_state, lr_lambda, make_optimizer,
                                resume_from, scale_loss_gains, set_rng_state, strip_checkpoint, training_checkpoint,
                                warmup_iterations)
 
@@ -64,19 +65,19 @@ def prepare_data(data: str | Path | dict) -> dict:
 
 
 class Trainer:
-    """One training run; ``opt`` carries train.py's options (a namespace), ``save_dir`` exists."""
+    """One training run: ``cfg`` holds train.py's options, ``dist`` this process's DDP place (the
+    default: no DDP); ``save_dir`` exists."""
 
-    def __init__(self, opt: Any, device: torch.device, save_dir: Path, stop_after_epoch: int | None = None):
-        self.opt, self.device, self.save_dir = opt, device, Path(save_dir)
+    def __init__(self, cfg: TrainConfig, device: torch.device, save_dir: Path, dist: DistContext = DistContext(),
+                 stop_after_epoch: int | None = None):
+        self.cfg, self.device, self.save_dir, self.dist = cfg, device, Path(save_dir), dist
         self.stop_after_epoch = stop_after_epoch
-        self.rank = int(os.getenv("RANK", -1))
-        self.local_rank = int(os.getenv("LOCAL_RANK", -1))
-        self.world_size = int(os.getenv("WORLD_SIZE", 1))
-        self.main = self.rank in (-1, 0)
+        self.rank, self.local_rank, self.world_size = dist.rank, dist.local_rank, dist.world_size
+        self.main = dist.main
         self.cuda = device.type == "cuda"
         self.amp = self.cuda
         self.amp_dtype = torch.float16  # QAT switches to bfloat16 (see _prepare_qat)
-        self.qat = bool(getattr(opt, "qat", False))
+        self.qat = cfg.qat
         self.qat_calibrated = False  # QAT: ranges calibrated before the first step (PTQ state or QAT checkpoint)
         self.wdir = self.save_dir / "weights"
         self.last, self.best = self.wdir / "last.pt", self.wdir / "best.pt"
@@ -87,13 +88,13 @@ class Trainer:
     # ----------------------------------------------------------------------------------- set-up
     def setup(self) -> None:
         """Data, model, optimizer, scheduler, EMA, resume state, loaders, anchors and loss."""
-        opt = self.opt
+        opt = self.cfg
         self.hyp = dict(opt.hyp)
         LOGGER.info(colorstr("hyperparameters: ") + ", ".join(f"{k}={v}" for k, v in self.hyp.items()))
         if self.main:
             self.wdir.mkdir(parents=True, exist_ok=True)
             (self.save_dir / "hyp.yaml").write_text(yaml.safe_dump(self.hyp, sort_keys=False))
-            (self.save_dir / "opt.yaml").write_text(yaml.safe_dump(vars(opt), sort_keys=False))
+            (self.save_dir / "opt.yaml").write_text(yaml.safe_dump(opt.to_dict(), sort_keys=False))
         with torch_distributed_zero_first(self.local_rank) if self.rank != -1 else nullcontext():
             self.data = prepare_data(opt.data)
         self.nc = 1 if opt.single_cls else int(self.data["nc"])
@@ -101,12 +102,12 @@ class Trainer:
         self.names = {0: "item"} if opt.single_cls and len(names) != 1 else dict(names)
         self.is_coco = str(self.data.get("val", "")).endswith("coco/val2017.txt")
 
-        model, ckpt = build_model(opt.weights, opt.cfg, self.nc, self.hyp, opt.act, opt.resume, self.device)
+        model, record = build_model(opt.weights, opt.cfg, self.nc, self.hyp, opt.act, opt.resume, self.device)
         self.gs = max(int(model.stride.max()), 32)
         self.imgsz = check_img_size(opt.imgsz, self.gs, floor=self.gs * 2)
-        if getattr(opt, "qat", False):
-            model = self._prepare_qat(model, ckpt)
-        self.channels_last = use_channels_last(getattr(opt, "memory_format", "auto"), self.device)
+        if opt.qat:
+            model = self._prepare_qat(model, record)
+        self.channels_last = use_channels_last(opt.memory_format, self.device)
         if self.channels_last:  # parameters keep their identity: the optimizer and EMA see NHWC tensors
             model = model.to(memory_format=torch.channels_last)
         freeze_layers(model, list(opt.freeze))
@@ -119,9 +120,9 @@ class Trainer:
         self.best_fitness, self.start_epoch, self.train_state = 0.0, 0, {}
         if opt.resume:
             self.best_fitness, self.start_epoch, self.train_state = resume_from(
-                ckpt, model, self.optimizer, self.ema, opt.weights, opt.epochs)
+                record.raw, model, self.optimizer, self.ema, opt.weights, opt.epochs)
             self.accumulate = self.train_state.get("accumulate", self.accumulate)
-        del ckpt
+        del record
         if opt.sync_bn and self.rank != -1:
             if self.cuda:
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(self.device)
@@ -130,7 +131,7 @@ class Trainer:
                 LOGGER.warning("WARNING: --sync-bn needs CUDA; training with per-process BatchNorm on CPU")
         self._make_loaders(model)
         self.model = self._wrap_ddp(model)
-        self.train_forward = self._compiled(self.model) if getattr(opt, "compile", False) else self.model
+        self.train_forward = self._compiled(self.model) if opt.compile else self.model
         self._attach_attributes()
 
     def _compiled(self, model: nn.Module) -> nn.Module:
@@ -139,7 +140,7 @@ class Trainer:
         LOGGER.info(colorstr("compile: ") + "torch.compile on the training forward; the first steps compile")
         return torch.compile(model)
 
-    def _prepare_qat(self, model: nn.Module, ckpt: dict | None) -> nn.Module:
+    def _prepare_qat(self, model: nn.Module, record: CheckpointRecord | None) -> nn.Module:
         """Swap in the fake-quantized model: rebuilt from a QAT checkpoint, or prepared from float weights.
 
         AMP under QAT: autocast runs in bfloat16 (float32's range, so no overflowing steps and no
@@ -147,18 +148,17 @@ class Trainer:
         scales (see quant/fake_quant.py).
         """
         from quant.schedule import iter_quantizers
-        from utils.qat import calibrate_on_training_images, is_qat_checkpoint, prepare_qat_model, rebuild_qat_model
+        from utils.qat import calibrate_on_training_images, prepare_qat_model, rebuild_qat_model
 
-        opt = self.opt
-        if ckpt is not None and is_qat_checkpoint(ckpt):
+        opt = self.cfg
+        if record is not None and record.quant is not None:
             self.qat_calibrated = True  # its ranges were calibrated by the run that wrote it
-            state = ckpt.get("train_state_dict") or ckpt["state_dict"]
-            prepared = rebuild_qat_model(Path(opt.weights), ckpt, state, self.device)
+            prepared = rebuild_qat_model(record, record.train_state, self.device)
             LOGGER.info(f"QAT: continuing from the quantized checkpoint {opt.weights}")
         else:
-            graphs = self.save_dir / "graphs" if getattr(opt, "qat_graphs", False) and self.main else None
+            graphs = self.save_dir / "graphs" if opt.qat_graphs and self.main else None
             prepared = prepare_qat_model(model, self.imgsz, opt.qat_config, graph_dir=graphs)
-            n_calib = int(getattr(opt, "qat_calib_images", 0) or 0)
+            n_calib = opt.qat_calib_images
             self.qat_calibrated = n_calib > 0
             if n_calib > 0:  # start from the PTQ state: every range calibrated before the first step
                 calibrate_on_training_images(prepared, self.data, self.imgsz, n_calib, self.device, opt.workers)
@@ -172,12 +172,12 @@ class Trainer:
         return prepared.train()
 
     def _make_loaders(self, model: nn.Module) -> None:
-        opt = self.opt
+        opt = self.cfg
         with torch_distributed_zero_first(self.local_rank) if self.rank != -1 else nullcontext():
             self.train_loader, self.dataset = create_dataloader(
                 self.data["train"], self.imgsz, opt.batch_size // self.world_size, self.gs, opt.single_cls,
                 hyp=self.hyp, augment=True, cache=opt.cache, rect=opt.rect, rank=self.local_rank,
-                workers=opt.workers, shuffle=True, prefix=colorstr("train: "), seed=opt.seed)
+                workers=opt.workers, shuffle=True, prefix=colorstr("train: "), seed=opt.seed, global_rank=self.rank)
         labels = np.concatenate(self.dataset.labels, 0)
         if len(labels) and int(labels[:, 0].max()) >= self.nc:
             raise ValueError(f"{opt.data}: label class {int(labels[:, 0].max())} exceeds nc={self.nc}; "
@@ -187,7 +187,7 @@ class Trainer:
             self.val_loader = create_dataloader(
                 self.data["val"], self.imgsz, opt.batch_size // self.world_size * 2, self.gs, opt.single_cls,
                 hyp=self.hyp, cache=None if opt.noval else opt.cache, rect=True, rank=-1,
-                workers=opt.workers * 2, pad=0.5, prefix=colorstr("val: "))[0]
+                workers=opt.workers * 2, pad=0.5, prefix=colorstr("val: "), global_rank=self.rank)[0]
             if not opt.resume:
                 if self.qat and not opt.noautoanchor:
                     # the head was trained (and calibrated) for its anchors: new ones would undo that
@@ -207,14 +207,14 @@ class Trainer:
     def _attach_attributes(self) -> None:
         m = de_parallel(self.model)
         nl = m.model[-1].nl
-        m.hyp = scale_loss_gains(self.hyp, nl, self.nc, self.imgsz, self.opt.label_smoothing)
+        m.hyp = scale_loss_gains(self.hyp, nl, self.nc, self.imgsz, self.cfg.label_smoothing)
         m.nc, m.names = self.nc, self.names
         self.compute_loss = ComputeLoss(self.model)
 
     # ------------------------------------------------------------------------------------- loop
     def fit(self) -> tuple:
         """Train from ``start_epoch`` to ``opt.epochs``; returns the final validation results."""
-        opt = self.opt
+        opt = self.cfg
         self.nb = len(self.train_loader)
         self.nw = warmup_iterations(self.hyp["warmup_epochs"], self.nb)
         self.last_opt_step = self.train_state.get("last_opt_step", -1)
@@ -289,7 +289,7 @@ class Trainer:
             self._warmup(ni, epoch)
             if self.qat_schedule is not None:
                 self._qat_step(epoch, i)
-            if self.opt.multi_scale:
+            if self.cfg.multi_scale:
                 imgs = self._multi_scale(imgs)
             loss_items = self._step(imgs, targets, ni)
             if self.main:
@@ -300,8 +300,8 @@ class Trainer:
                     shown = now
                     mem = f"{torch.cuda.memory_reserved() / 1e9 if torch.cuda.is_available() else 0:.3g}G"
                     pbar.set_description(("%11s" * 2 + "%11.4g" * 5) % (
-                        f"{epoch}/{self.opt.epochs - 1}", mem, *self.mloss.tolist(), targets.shape[0], imgs.shape[-1]))
-                if not self.opt.noplots and ni < 3:
+                        f"{epoch}/{self.cfg.epochs - 1}", mem, *self.mloss.tolist(), targets.shape[0], imgs.shape[-1]))
+                if not self.cfg.noplots and ni < 3:
                     plot_images(imgs, targets, paths, self.save_dir / f"train_batch{ni}.jpg")
             if self.interrupted:
                 break
@@ -337,7 +337,7 @@ class Trainer:
 
     def _schedule_text(self) -> str:
         """The effective schedule in one line: what the run will really do, printed before it starts."""
-        opt, hyp = self.opt, self.hyp
+        opt, hyp = self.cfg, self.hyp
         lr0 = float(hyp["lr0"])
         text = (f"lr {lr0:g} -> {lr0 * self.lf(opt.epochs - 1):g} ({'cosine' if opt.cos_lr else 'linear'} over "
                 f"{opt.epochs} epochs of {self.nb} batches), "
@@ -355,7 +355,7 @@ class Trainer:
         if self.nw == 0 or ni > self.nw:
             return
         xi = [0, self.nw]
-        self.accumulate = max(1, np.interp(ni, xi, [1, 64 / self.opt.batch_size]).round())
+        self.accumulate = max(1, np.interp(ni, xi, [1, 64 / self.cfg.batch_size]).round())
         for j, x in enumerate(self.optimizer.param_groups):
             start = self.hyp["warmup_bias_lr"] if j == 0 else 0.0  # biases fall, other groups rise
             x["lr"] = np.interp(ni, xi, [start, x["initial_lr"] * self.lf(epoch)])
@@ -408,17 +408,15 @@ class Trainer:
         stop = False
         if self.main:
             self.ema.update_attr(self.model, include=["yaml", "nc", "hyp", "names", "stride"])
-            final_epoch = (epoch + 1 == self.opt.epochs) or self.stopper.possible_stop
-            if not self.opt.noval or final_epoch:
-                self.results, self.maps, _ = validate.run(
-                    self.data, batch_size=self.opt.batch_size // self.world_size * 2, imgsz=self.imgsz,
-                    half=self.amp and not self.qat, model=self.ema.ema, single_cls=self.opt.single_cls, dataloader=self.val_loader,
-                    save_dir=self.save_dir, plots=False, compute_loss=self.compute_loss)
+            final_epoch = (epoch + 1 == self.cfg.epochs) or self.stopper.possible_stop
+            if not self.cfg.noval or final_epoch:
+                self.results, self.maps, _ = result_tuple(validate(
+                    self.ema.ema, self.val_loader, self.data, self._eval_options(), compute_loss=self.compute_loss))
             fi = fitness(self.results)
             stop = self.stopper(epoch=epoch, fitness=fi)
             self.best_fitness = max(self.best_fitness, fi)
             self.logger.log_epoch(epoch, [*self.mloss.tolist(), *self.results, *self.lr])
-            if not self.opt.nosave or final_epoch:
+            if not self.cfg.nosave or final_epoch:
                 self._save(epoch, fi)
         if self.rank != -1:
             import torch.distributed as dist
@@ -427,6 +425,10 @@ class Trainer:
             dist.broadcast_object_list(flag, 0)
             stop = flag[0]
         return stop
+
+    def _eval_options(self, iou_thres: float = 0.6) -> EvalOptions:
+        """val.py's defaults; fp16 under float AMP only (a QAT model validates as it trains)."""
+        return EvalOptions(iou_thres=iou_thres, single_cls=self.cfg.single_cls, half=self.amp and not self.qat)
 
     def _train_state(self) -> dict:
         """Loop bookkeeping and every random stream, so a resumed run continues bit for bit."""
@@ -437,7 +439,7 @@ class Trainer:
 
     def _checkpoint(self, epoch: int) -> dict:
         self.ema.update_attr(self.model, include=["yaml", "nc", "hyp", "names", "stride"])
-        opt = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.opt).items()}
+        opt = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.cfg.to_dict().items()}
         return training_checkpoint(self.model, self.ema, self.optimizer, epoch, self.best_fitness, opt,
                                    self._train_state())
 
@@ -446,7 +448,7 @@ class Trainer:
         save_checkpoint(ckpt, self.last)
         if self.best_fitness == fi:
             save_checkpoint(ckpt, self.best)
-        if self.opt.save_period > 0 and epoch % self.opt.save_period == 0:
+        if self.cfg.save_period > 0 and epoch % self.cfg.save_period == 0:
             save_checkpoint(ckpt, self.wdir / f"epoch{epoch}.pt")
 
     def _save_interrupted(self, epoch: int) -> None:
@@ -471,11 +473,10 @@ class Trainer:
         if self.best.exists():
             LOGGER.info(f"\nValidating {self.best}...")
             model, _ = load_model(self.best, device=self.device, fuse=True)
-            self.results, _, _ = validate.run(
-                self.data, batch_size=self.opt.batch_size // self.world_size * 2, imgsz=self.imgsz, model=model,
-                half=self.amp and not self.qat, iou_thres=0.65 if self.is_coco else 0.60, single_cls=self.opt.single_cls,
-                dataloader=self.val_loader, save_dir=self.save_dir, verbose=True, plots=not self.opt.noplots,
-                compute_loss=self.compute_loss)
-        if not self.opt.noplots and (self.save_dir / "results.csv").exists():
+            options = self._eval_options(iou_thres=0.65 if self.is_coco else 0.60)
+            self.results, _, _ = result_tuple(validate(
+                model, self.val_loader, self.data, options, compute_loss=self.compute_loss, save_dir=self.save_dir,
+                plots=not self.cfg.noplots, per_class=True))
+        if not self.cfg.noplots and (self.save_dir / "results.csv").exists():
             plot_results(self.save_dir / "results.csv")
         LOGGER.info(f"Results saved to {colorstr('bold', str(self.save_dir))}")

@@ -132,7 +132,7 @@ def test_qdq_map_matches_pytorch(tmp_path, shared_dir):
     """PTQ of the official yolov5n (SiLU stays float), exported QDQ: val mAP equal within 0.002."""
     import val
     from quant.calibrate import calibrate
-    from utils.checkpoint import load_model
+    from utils.qat import load_model
 
     images = sorted((shared_dir / "datasets" / "coco128" / "images" / "train2017").glob("*.jpg"))[:32]
     if len(images) < 32:
@@ -175,3 +175,20 @@ def test_prepared_model_equals_its_export_form_exactly(act):
         ours, theirs = prepared(x)[1], exported(x)[1]
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)
+
+
+def test_emits_int_is_the_one_predicate_export_and_bias_rounding_use():
+    from quant.config import QuantSpec
+    from quant.export import exportable
+    from quant.fake_quant import Pow2FakeQuantize
+    from quant.fused import quantize_bias
+
+    q8, q16 = Pow2FakeQuantize(QuantSpec(), True), Pow2FakeQuantize(QuantSpec(bits=16), True)
+    assert not q8.emits_int()  # not calibrated yet
+    for q in (q8, q16):
+        q.calibrated.fill_(1)
+    assert q8.emits_int() and exportable(q8) and not q16.emits_int() and not exportable(q16)
+    q8.enable_fake_quant(False)
+    assert not q8.emits_int()
+    bias = torch.tensor([0.3])
+    assert quantize_bias(bias, q16, q16) is bias  # 16-bit: stays float, as in the exported file

@@ -10,8 +10,12 @@ from torch import nn
 
 from models.common import Bottleneck, Conv
 from models.yolo import DetectionModel
-from quant.graph import (Group, find_alignment_groups, find_conv_bn_act, is_pass_through, merge_groups,
-                         resolve_producer, trace, write_graphviz)
+from quant.config import QuantSpec
+from quant.fake_quant import Pow2FakeQuantize
+from quant.fused import QATConv
+from quant.graph import (Group, find_alignment_groups, find_conv_bn_act, is_pass_through, leaf_conv_inputs,
+                         merge_groups, resolve_producer, set_submodule, trace)
+from quant.graphviz import write_graphviz
 
 
 def _yolo(act: str) -> tuple[DetectionModel, torch.fx.GraphModule]:
@@ -153,3 +157,43 @@ def test_graphviz_marks_chains_and_groups(relu_yolo, tmp_path):
     assert 'label="fuse conv+bn+relu"' in text
     assert "fillcolor" in text and 'label="a \\"title\\""' in text
     assert '"model_0_act" -> "model_1_conv";' in text
+
+
+class _Head(nn.Module):
+    """A leaf with three convs, the middle one kept float (as a per-layer rule leaves it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        spec = QuantSpec()
+        self.m = nn.ModuleList([QATConv(nn.Conv2d(3, 4, 1), Pow2FakeQuantize(spec, True, 4)), nn.Conv2d(3, 4, 1),
+                                QATConv(nn.Conv2d(3, 4, 1), Pow2FakeQuantize(spec, True, 4))])
+
+    def forward(self, xs):
+        return [m(x) for m, x in zip(self.m, xs)]
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = _Head()
+
+    def forward(self, x):
+        return self.head([x, x * 2, x * 3]), self.head([x, x])
+
+
+def test_leaf_conv_pairing_counts_float_convs_and_raises_on_a_mismatch():
+    gm = trace(_TwoHeads(), leaf_classes=("_Head",))
+    first, second = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "head"]
+    pairs = leaf_conv_inputs(gm, first)
+    assert [(name, arg.name) for name, _, arg in pairs] == [("head.m.0", "x"), ("head.m.2", "mul_1")]
+    assert all(isinstance(conv, QATConv) for _, conv, _ in pairs)
+    with pytest.raises(ValueError, match="head: leaf with 3 convs called with 2 inputs"):
+        leaf_conv_inputs(gm, second)
+
+
+def test_set_submodule_puts_and_removes():
+    root = nn.Sequential(nn.Sequential(nn.ReLU()))
+    set_submodule(root, "0.1", nn.ReLU6())
+    assert isinstance(root[0][1], nn.ReLU6)
+    set_submodule(root, "0.1", None)
+    assert len(root[0]) == 1
