@@ -107,9 +107,12 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
         half &= device.type != "cpu"
         data = load_data_config(data) if not isinstance(data, dict) or "nc" not in data else data
     else:
+        from utils.config_checks import check_flags
         from utils.paths import increment_path
         from utils.torch_utils import select_device, use_channels_last
 
+        check_flags({"imgsz": imgsz, "batch_size": batch_size, "workers": workers, "conf_thres": conf_thres,
+                     "iou_thres": iou_thres, "max_det": max_det, "calib_images": calib_images})
         device = select_device(device, batch_size=batch_size)
         save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
         (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ import val as validate
 from utils.autoanchor import check_anchors
 from utils.callbacks_log import ResultsLogger
 from utils.checkpoint import load_model, save_checkpoint
-from utils.data_config import check_img_size, load_data_config
+from utils.data_config import check_img_size
 from utils.dataset import create_dataloader
 from utils.log import TQDM_BAR_FORMAT, colorstr
 from utils.loss import ComputeLoss
@@ -38,28 +38,13 @@ from utils.plots import plot_images, plot_results
 from utils.torch_utils import EarlyStopping, ModelEMA, de_parallel, torch_distributed_zero_first, use_channels_last
 from utils.train_guard import NonFiniteLossError, StepGuard, StopOnSigint
 from utils.train_setup import (build_model, fitness, freeze_layers, get_rng_state, lr_lambda, make_optimizer,
-                               resume_from, scale_loss_gains, set_rng_state, strip_checkpoint, training_checkpoint)
+                               prepare_data, resume_from, scale_loss_gains, set_rng_state, strip_checkpoint, training_checkpoint)
 
 LOGGER = logging.getLogger(__name__)
 
 MAX_GRAD_NORM = 10.0
 NONFINITE_LIMIT = 10  # consecutive skipped steps before the run is declared diverged
 PROGRESS_INTERVAL_S = 0.5  # the loss shown in the progress bar is read from the device at most this often
-
-
-def prepare_data(data: str | Path | dict) -> dict:
-    """Load the dataset yaml, generating the synthetic dataset first when it asks for it."""
-    if not isinstance(data, dict) and Path(data).is_file():
-        with open(data, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh) or {}
-        params = raw.get("synthetic") if isinstance(raw, dict) else None
-        if isinstance(params, dict):
-            from utils.synthetic import ensure_synthetic_dataset
-
-            root = Path(str(raw.get("path") or "")).expanduser()
-            root = root if root.is_absolute() else (Path(data).resolve().parent / root).resolve()
-            ensure_synthetic_dataset(root, **params)
-    return load_data_config(data)
 
 
 class Trainer:
