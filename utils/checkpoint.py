@@ -30,7 +30,7 @@ from models.common import C3, SPPF, Bottleneck, Concat, Conv
 from models.yolo import Detect, DetectionModel
 
 __all__ = ["CheckpointError", "UnsafeCheckpointError", "FORMAT", "FORMAT_VERSION", "load_checkpoint",
-           "make_checkpoint", "save_checkpoint", "is_official", "load_model", "transfer_state_dict"]
+           "make_checkpoint", "save_checkpoint", "is_official", "load_model", "transfer_state_dict", "check_finite"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ _EXTRA_OPTIONAL = ("ema_state_dict", "optimizer", "updates", "date")
 
 # State-dict entries that may exist on one side only: buffers older releases kept.
 _TOLERATED_SUFFIXES = ("anchor_grid", "num_batches_tracked")
+_RANGE_STATS = ("min_val", "max_val")  # observer statistics; +-inf before the first observation
 
 
 class CheckpointError(ValueError):
@@ -218,6 +219,21 @@ def transfer_state_dict(model: nn.Module, state: dict[str, torch.Tensor], exclud
     return len(chosen)
 
 
+def check_finite(path: str | Path, state: dict, entry: str = "state_dict") -> None:
+    """Raise CheckpointError naming the file and the first tensor of ``state`` holding NaN or inf.
+
+    Observer range statistics (``min_val``/``max_val`` of fake quantizers) are skipped: +-inf there means
+    "nothing observed yet", which a QAT checkpoint may legitimately hold.
+    """
+    for name, value in state.items():
+        if name.rsplit(".", 1)[-1] in _RANGE_STATS:
+            continue
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"{path}: {entry} tensor {name!r} holds {bad} non-finite values (nan/inf); "
+                                  "these weights are unusable (a diverged run?), use an earlier checkpoint")
+
+
 def _check_keys(path: Path, own: dict, state: dict) -> None:
     """Raise CheckpointError unless the key sets and shapes agree (tolerating old buffers)."""
     def relevant(keys):
@@ -267,6 +283,7 @@ def load_model(path: str | Path, device: Any = "cpu", act: Any = None,
     path = Path(path)
     ckpt = load_checkpoint(path)
     yaml_dict, state, names, stride, which = _unpack(path, ckpt)
+    check_finite(path, state, which)
     if ckpt.get("quant"):  # a QAT checkpoint: rebuild the prepared (fake-quantized) model
         from utils.qat import rebuild_qat_model
 

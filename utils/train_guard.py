@@ -18,10 +18,12 @@ class StepGuard:
 
     def __init__(self, limit: int = 10, skipped: int = 0) -> None:
         self.limit, self.skipped, self.in_a_row = limit, skipped, 0
+        self.good = self.skipped_here = 0  # steps taken and skipped by this guard (this run, not resumed ones)
 
     def skip(self, what: str, ni: int) -> None:
         """Record one skipped step (``what`` says why), raising when the limit is reached."""
         self.skipped += 1
+        self.skipped_here += 1
         self.in_a_row += 1
         LOGGER.warning(f"WARNING: non-finite {what} at iteration {ni}, step skipped "
                        f"({self.in_a_row} in a row, {self.skipped} in total)")
@@ -31,6 +33,14 @@ class StepGuard:
 
     def ok(self) -> None:
         self.in_a_row = 0
+        self.good += 1
+
+    def check_progress(self) -> None:
+        """At the end of a run: raise when every step was skipped, so the weights never changed (a short
+        run may never reach ``limit`` in a row, yet it must not end as a success)."""
+        if self.skipped_here and not self.good:
+            raise NonFiniteLossError(f"training stopped: all {self.skipped_here} steps had a non-finite loss or "
+                                     "gradient norm, not one optimizer step was taken; the weights are unchanged")
 
 
 class StopOnSigint:

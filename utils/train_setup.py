@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from models.yolo import DetectionModel
-from utils.checkpoint import (FORMAT, CheckpointError, is_official, load_checkpoint, make_checkpoint,
+from utils.checkpoint import (FORMAT, CheckpointError, check_finite, is_official, load_checkpoint, make_checkpoint,
                               save_checkpoint, transfer_state_dict)
 from utils.config_checks import check_hyp_values, read_yaml
 from utils.data_config import DataConfigError, load_data_config
@@ -57,13 +57,17 @@ def _weights_entry(path: Path, ckpt: dict) -> tuple[dict, dict, dict]:
     Like upstream, training starts from the raw (non-EMA) weights when a checkpoint has them.
     """
     if ckpt.get("format") == FORMAT:
+        for entry in ("train_state_dict", "state_dict"):  # the raw weights to train, the EMA a resume loads
+            check_finite(path, ckpt.get(entry) or {}, entry)
         state = ckpt.get("train_state_dict") or ckpt["state_dict"]
         return ckpt["model_yaml"], state, ckpt.get("names") or {}
     if is_official(ckpt):
         module = ckpt.get("model") or ckpt.get("ema")
         names = getattr(module, "names", None) or {}
         names = dict(enumerate(names)) if isinstance(names, (list, tuple)) else dict(names)
-        return module.yaml, module.float().state_dict(), names
+        state = module.float().state_dict()
+        check_finite(path, state, "model" if ckpt.get("model") is not None else "ema")
+        return module.yaml, state, names
     raise CheckpointError(f"{path}: neither an official YOLOv5 checkpoint nor format {FORMAT!r}")
 
 

@@ -221,6 +221,8 @@ class Trainer:
                         break
                 else:
                     finished = True
+                if finished:
+                    self.guard.check_progress()
             except NonFiniteLossError:
                 self._keep_last_good(epoch)
                 raise
