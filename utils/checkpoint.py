@@ -11,10 +11,12 @@ Example:
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
 import re
+import shutil
 import struct
 import zipfile
 from copy import deepcopy
@@ -29,7 +31,7 @@ from torch import nn
 from models.common import C3, SPPF, Bottleneck, Concat, Conv
 from models.yolo import Detect, DetectionModel
 
-__all__ = ["CheckpointError", "UnsafeCheckpointError", "FORMAT", "FORMAT_VERSION", "load_checkpoint",
+__all__ = ["CheckpointError", "CheckpointWriteError", "UnsafeCheckpointError", "FORMAT", "FORMAT_VERSION", "load_checkpoint",
            "make_checkpoint", "save_checkpoint", "is_official", "load_model", "transfer_state_dict", "check_finite"]
 
 LOGGER = logging.getLogger(__name__)
@@ -48,6 +50,10 @@ _RANGE_STATS = ("min_val", "max_val")  # observer statistics; +-inf before the f
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, damaged, or does not fit the model."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (e.g. disk full); the message says which earlier version is intact."""
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -189,8 +195,31 @@ def make_checkpoint(model: nn.Module, **extra: Any) -> dict:
     return ckpt
 
 
+def _os_error_in(err: BaseException | None) -> OSError | None:
+    """The OSError behind ``err`` (torch.save reports a failed write as a RuntimeError whose context it is)."""
+    while err is not None:
+        if isinstance(err, OSError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _write_failure(path: Path, os_err: OSError) -> str:
+    """One line: what failed, where, and which version of the file is still good."""
+    kept = (f"the previous {path.name} ({datetime.fromtimestamp(path.stat().st_mtime):%Y-%m-%d %H:%M:%S}) "
+            "is intact" if path.exists() else f"no earlier {path.name} exists")
+    if os_err.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = shutil.disk_usage(path.parent).free / 1e6
+        return f"{path}: disk full while writing the checkpoint ({free:.0f} MB free in {path.parent}); {kept}"
+    return f"{path}: could not write the checkpoint ({os_err.strerror or os_err}); {kept}"
+
+
 def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
-    """Write ``ckpt`` atomically: a temporary file in the same folder, fsync, then rename."""
+    """Write ``ckpt`` atomically: a temporary file in the same folder, fsync, then rename.
+
+    A failed write (e.g. a full disk) leaves any earlier ``path`` untouched and raises CheckpointWriteError,
+    one line saying what failed and whether an earlier version of the file is still there.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -200,6 +229,11 @@ def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        os_err = _os_error_in(err)
+        if os_err is None:
+            raise
+        raise CheckpointWriteError(_write_failure(path, os_err)) from None
     finally:
         if tmp.exists():
             tmp.unlink()
