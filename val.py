@@ -143,11 +143,8 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
                       on_image=writer if (save_txt or save_json) else None)
     print_results(result, names, per_class=(verbose or (nc < 50 and not training)),
                   batch_shape=None if training else (batch_size, 3, imgsz, imgsz))
-    if qat_report and _is_quantized(model):
-        from quant.report import quantizer_table
-
-        images = next(iter(dataloader))[0][:8].to(device).float() / 255
-        LOGGER.info("\n" + quantizer_table(model, images))
+    if qat_report:
+        _qat_report(model, dataloader, device, weights)
     if save_json and writer.records:
         result = _save_and_score_json(writer, weights, save_dir, anno_json, dataloader, result)
     if not training:
@@ -159,6 +156,20 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
 
 def _is_quantized(model) -> bool:
     return hasattr(model, "qat_config")
+
+
+def _qat_report(model, dataloader, device, weights) -> None:
+    """--qat-report: every quantizer's scale and range, or one line saying why there is nothing to report."""
+    if not _is_quantized(model):
+        kind = ("an ONNX file (the report reads a PyTorch model's fake quantizers)"
+                if Path(str(weights)).suffix == ".onnx" else "a float model without quantizers")
+        LOGGER.warning(f"WARNING: --qat-report: {weights} is {kind}; nothing to report. Give a QAT checkpoint "
+                       "(train.py --qat), or add --ptq to quantize a float .pt first")
+        return
+    from quant.report import quantizer_table
+
+    images = next(iter(dataloader))[0][:8].to(device).float() / 255
+    LOGGER.info("\n" + quantizer_table(model, images))
 
 
 def _load_for_val(weights, device, imgsz, data, ptq, calib_images, qat_config, workers):

@@ -91,14 +91,18 @@ def prepare_data(data: str | Path | dict) -> dict:
 
 
 def build_model(weights: str | Path | None, cfg: str | Path | None, nc: int, hyp: dict, act: str | None,
-                resume: bool, device: torch.device) -> tuple[DetectionModel, dict | None]:
+                resume: bool, device: torch.device, qat: bool | None = None) -> tuple[DetectionModel, dict | None]:
     """The model to train: from ``weights`` (transferring what fits) or from the ``cfg`` yaml.
 
-    Returns the model and the loaded checkpoint dict (None when built from a yaml only).
+    Returns the model and the loaded checkpoint dict (None when built from a yaml only). ``qat`` False
+    refuses a QAT checkpoint: training it as a float model would silently drop its quantization.
     """
     anchors = hyp.get("anchors")
     if weights:
         ckpt = load_checkpoint(weights)
+        if qat is False and ckpt.get("quant"):
+            raise ValueError(f"{weights}: is a QAT (power-of-2 INT8) checkpoint; add --qat to continue "
+                             "quantization-aware training from it (without --qat its quantization would be dropped)")
         yaml_dict, state, _ = _weights_entry(Path(weights), ckpt)
         model = DetectionModel(cfg or yaml_dict, ch=3, nc=nc, anchors=anchors, act=act)
         exclude = ("anchor",) if (cfg or anchors) and not resume else ()

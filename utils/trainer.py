@@ -84,7 +84,8 @@ class Trainer:
         self.names = {0: "item"} if opt.single_cls and len(names) != 1 else dict(names)
         self.is_coco = str(self.data.get("val", "")).endswith("coco/val2017.txt")
 
-        model, ckpt = build_model(opt.weights, opt.cfg, self.nc, self.hyp, opt.act, opt.resume, self.device)
+        model, ckpt = build_model(opt.weights, opt.cfg, self.nc, self.hyp, opt.act, opt.resume, self.device,
+                                  qat=self.qat)
         self.gs = max(int(model.stride.max()), 32)
         self.imgsz = check_img_size(opt.imgsz, self.gs, floor=self.gs * 2)
         if getattr(opt, "qat", False):
