@@ -123,6 +123,9 @@ def freeze_layers(model: nn.Module, freeze: list[int]) -> list[str]:
         if any(x in name for x in prefixes):
             p.requires_grad = False
             frozen.append(name)
+    if frozen and len(frozen) == len(list(model.parameters())):  # backward would fail with a raw RuntimeError
+        raise ValueError(f"--freeze {' '.join(map(str, freeze))}: freezes every layer of the model "
+                         f"({len(getattr(model, 'model', []))} layers), nothing would train; freeze fewer layers")
     if frozen:
         LOGGER.info(f"freezing {len(frozen)} parameters in {len(prefixes)} layers")
     return frozen

@@ -184,3 +184,8 @@ def test_model_yaml_that_does_not_parse(tmp_path):
     out.write_text("nc: 3\nbackbone: [[-1, 1, Conv, [16, 3]]\n")
     with pytest.raises(ConfigError, match=r"m\.yaml: not valid yaml"):
         DetectionModel(str(out))
+
+
+def test_freeze_of_every_layer_is_one_line(tmp_path, data_yaml):
+    with pytest.raises(ValueError, match=r"--freeze 30: freezes every layer of the model \(25 layers\)"):
+        train.run(**_train_kwargs(tmp_path, data_yaml, freeze=[30]))
