@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from typing import Any
@@ -44,26 +45,31 @@ class StepGuard:
 
 
 class StopOnSigint:
-    """While active, Ctrl-C sets ``trainer.interrupted`` (stop after this batch); a second Ctrl-C aborts.
+    """While active, Ctrl-C (SIGINT) sets ``trainer.interrupted`` (stop after this batch); a second Ctrl-C aborts.
 
+    Outside DDP, SIGTERM (what schedulers and ``docker stop`` send) stops the same way, so last.pt is saved
+    instead of losing the epoch. Under DDP torchrun owns SIGTERM (it stops every rank), so it is left alone.
     Installed only in the main thread (signal handlers can not be set elsewhere).
     """
 
     def __init__(self, trainer: Any) -> None:
-        self.trainer, self.previous = trainer, None
+        self.trainer, self.previous = trainer, {}
 
     def _handler(self, signum, frame) -> None:
         if self.trainer.interrupted:
             raise KeyboardInterrupt
-        LOGGER.warning("Interrupt received: stopping after this batch and saving last.pt (Ctrl-C again aborts)")
+        name = signal.Signals(signum).name
+        LOGGER.warning(f"{name} received: stopping after this batch and saving last.pt (Ctrl-C again aborts)")
         self.trainer.interrupted = True
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handler)
+            signals = [signal.SIGINT] + ([signal.SIGTERM] if int(os.getenv("RANK", -1)) == -1 else [])
+            self.previous = {s: signal.signal(s, self._handler) for s in signals}
         return self
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
         return False
