@@ -147,7 +147,7 @@ def _make_save_dir(opt: argparse.Namespace) -> Path:
     save_dir = [opt.save_dir if opt.resume else None]
     if rank in (-1, 0):
         if not opt.resume:
-            save_dir[0] = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
+            save_dir[0] = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok, claim=True))
         check_writable_dir(save_dir[0])
     if rank != -1:
         import torch.distributed as dist
