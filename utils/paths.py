@@ -26,7 +26,7 @@ def _claim_dir(path: Path, sep: str) -> Path:
         except FileExistsError:
             continue
         except OSError as e:
-            raise RunDirError(f"{candidate}: run folder can not be created ({e.strerror or e})") from e
+            raise RunDirError(f"{candidate}: run folder is not writable ({e.strerror or e})") from e
     raise RunDirError(f"{path}: no free numbered name up to {path}{sep}9999")
 
 
