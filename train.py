@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 from utils.torch_utils import MEMORY_FORMATS
 from utils.train_config import DistContext, TrainConfig
@@ -151,7 +150,7 @@ def _make_save_dir(opt: argparse.Namespace, ctx: DistContext) -> Path:
     save_dir = [opt.save_dir if opt.resume else None]
     if rank in (-1, 0):
         if not opt.resume:
-            save_dir[0] = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
+            save_dir[0] = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok, claim=True))
         check_writable_dir(save_dir[0])
     if rank != -1:
         import torch.distributed as dist
@@ -163,6 +162,7 @@ def _make_save_dir(opt: argparse.Namespace, ctx: DistContext) -> Path:
 def make_opt(**kwargs) -> argparse.Namespace:
     """train.py's options with ``kwargs`` applied, the hyp file read and checked (or, for --resume,
     the options of the run being resumed)."""
+    from utils.config_checks import check_flags, read_yaml
     from utils.train_setup import check_hyp
 
     opt = parse_opt([])
@@ -172,6 +172,7 @@ def make_opt(**kwargs) -> argparse.Namespace:
     for k, v in kwargs.items():
         setattr(opt, k, v)
     _refuse_unsupported(opt)
+    check_flags(vars(opt))  # before any work: a bad --batch-size or --epochs is one line, not a traceback
     if opt.resume:
         return _resumed_opt(opt)
     opt.weights = _find_weights(str(opt.weights or ""))
@@ -180,8 +181,7 @@ def make_opt(**kwargs) -> argparse.Namespace:
         opt.hyp = str(ROOT / "data/hyps/hyp.qat.yaml")  # --qat without --hyp: QAT's own defaults
     hyp_source = opt.hyp if isinstance(opt.hyp, (str, Path)) else "hyp"
     if isinstance(opt.hyp, (str, Path)):
-        with open(opt.hyp, encoding="utf-8") as fh:
-            opt.hyp = yaml.safe_load(fh)
+        opt.hyp = read_yaml(opt.hyp, "hyperparameter")
     check_hyp(opt.hyp, hyp_source)
     opt.freeze = [int(x) for x in (opt.freeze if isinstance(opt.freeze, (list, tuple)) else [opt.freeze])]
     return opt

@@ -100,10 +100,13 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
     `compute_loss` (a ComputeLoss of the model) adds the mean validation losses to the results.
     Training validates its own model in-process with :func:`utils.evaluate.validate`.
     """
+    from utils.config_checks import check_flags
     from utils.data_config import check_img_size, load_data_config
     from utils.paths import increment_path
     from utils.torch_utils import select_device, use_channels_last
 
+    check_flags({"imgsz": imgsz, "batch_size": batch_size, "workers": workers, "conf_thres": conf_thres,
+                 "iou_thres": iou_thres, "max_det": max_det, "calib_images": calib_images})
     device = select_device(device, batch_size=batch_size)
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
     (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
@@ -131,12 +134,8 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
     result = validate(model, dataloader, data, options, compute_loss=compute_loss, save_dir=save_dir, plots=plots,
                       on_image=writer if (save_txt or save_json) else None, per_class=verbose or nc < 50,
                       batch_shape=(batch_size, 3, imgsz, imgsz), device=device)
-    if qat_report and _is_quantized(model):
-        from quant.report import quantizer_table
-
-        images = next(iter(dataloader))[0][:8].to(device).float() / 255
-        LOGGER.info("\n" + quantizer_table(model, images))
-        _report_layer_errors(model, images, save_dir)
+    if qat_report:
+        _qat_report(model, dataloader, device, weights, save_dir)
     if save_json and writer.records:
         result = _save_and_score_json(writer, weights, save_dir, anno_json, dataloader, result)
     saved = f"\n{len(list(writer.labels_dir.glob('*.txt')))} labels saved to {writer.labels_dir}" if save_txt else ""
@@ -175,6 +174,22 @@ def _is_quantized(model) -> bool:
     from utils.qat import is_prepared
 
     return is_prepared(model)
+
+
+def _qat_report(model, dataloader, device, weights, save_dir: Path) -> None:
+    """--qat-report: every quantizer's scale, range and clipping, the per-layer SQNR (printed, CSV, PNG),
+    or one line saying why there is nothing to report."""
+    if not _is_quantized(model):
+        kind = ("an ONNX file (the report reads a PyTorch model's fake quantizers)"
+                if Path(str(weights)).suffix == ".onnx" else "a float model without quantizers")
+        LOGGER.warning(f"WARNING: --qat-report: {weights} is {kind}; nothing to report. Give a QAT checkpoint "
+                       "(train.py --qat), or add --ptq to quantize a float .pt first")
+        return
+    from quant.report import quantizer_table
+
+    images = next(iter(dataloader))[0][:8].to(device).float() / 255
+    LOGGER.info("\n" + quantizer_table(model, images))
+    _report_layer_errors(model, images, save_dir)
 
 
 def _load_for_val(weights, device, imgsz, data, ptq, calib_images, qat_config, workers):

@@ -20,11 +20,11 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from models.activations import ActivationSpec, activation_name, is_activation, make_activation
 from models.common import BN_EPS, BN_MOMENTUM, C3, SPPF, Bottleneck, Concat, Conv, fuse_conv_bn
+from utils.config_checks import check_model_yaml, read_yaml
 
 __all__ = ["Detect", "DetectionModel", "Model", "REGISTRY", "parse_model", "convert_activation",
            "make_divisible", "load_model_yaml"]
@@ -206,11 +206,7 @@ def load_model_yaml(cfg: str | Path) -> tuple[dict, Path]:
         path = MODELS_DIR / path.name
     if not path.is_file():
         raise FileNotFoundError(f"{cfg}: model yaml not found (also looked in {MODELS_DIR})")
-    with open(path, encoding="utf-8", errors="ignore") as fh:
-        data = yaml.safe_load(fh)
-    if not isinstance(data, dict) or "backbone" not in data or "head" not in data:
-        raise ValueError(f"{path}: not a model yaml (needs 'backbone' and 'head')")
-    return data, path
+    return check_model_yaml(read_yaml(path, "model"), str(path)), path
 
 
 def _scale_img(img: torch.Tensor, ratio: float, gs: int) -> torch.Tensor:
@@ -240,6 +236,7 @@ class DetectionModel(nn.Module):
         else:
             self.yaml, path = load_model_yaml(cfg)
             self.yaml_file, source = path.name, str(path)
+        check_model_yaml(self.yaml, source)  # types and ranges first: errors name the key, not a traceback
         ch = self.yaml["ch"] = self.yaml.get("ch", ch)
         if nc and nc != self.yaml["nc"]:
             LOGGER.info("Overriding model yaml nc=%s with nc=%s", self.yaml["nc"], nc)

@@ -237,7 +237,12 @@ class QuantConfig:
         """Load a yaml file (see data/quant/*.yaml); errors name the file and the offending key."""
         path = Path(path)
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            try:
+                data = yaml.safe_load(f)
+            except yaml.YAMLError as err:  # one line naming the file, not PyYAML's multi-line message
+                mark = getattr(err, "problem_mark", None)
+                at = f" at line {mark.line + 1}" if mark is not None else ""
+                raise ValueError(f"{path}: not valid yaml ({getattr(err, 'problem', None) or err}{at})") from None
         return cls.from_dict(data or {}, source=str(path))
 
     def to_dict(self) -> dict:

@@ -134,6 +134,17 @@ def _segments_to_boxes(
     return new
 
 
+def _polygon_mask(segments: Sequence[np.ndarray], n: int) -> np.ndarray:
+    """Which of ``n`` targets have a polygon: none when ``segments`` is empty or all zeros, else the
+    non-empty entries (a mixed dataset gives targets without one an empty (0, 2) array)."""
+    if len(segments) == 0 or not any(np.asarray(s).any() for s in segments):
+        return np.zeros(n, dtype=bool)
+    if len(segments) != n:
+        raise ValueError(f"random_perspective: {len(segments)} polygons for {n} targets; give one per target "
+                         "(an empty (0, 2) array for a target without a polygon)")
+    return np.array([len(s) > 0 for s in segments], dtype=bool)
+
+
 def random_perspective(
     im: np.ndarray,
     targets: np.ndarray | Sequence = (),
@@ -153,7 +164,7 @@ def random_perspective(
         targets: (n, 5) [cls, x1, y1, x2, y2] in pixels.
         segments: optional polygons (one (k, 2) pixel array per target); when given, boxes are
             rebuilt from the warped polygons, resampled to 1000 points (tighter than warping the
-            box corners).
+            box corners). A target whose array is empty (0, 2) gets its box corners warped.
         degrees, translate, scale, shear, perspective: ranges of the random parameters.
         border: (y, x) pixels added on each side of the output (negative crops, as mosaic does).
         rng: python-random-like source; None uses the ``random`` module.
@@ -174,12 +185,14 @@ def random_perspective(
 
     n = len(targets)
     if n:
-        use_segments = len(segments) > 0 and any(np.asarray(s).any() for s in segments)
-        if use_segments:
-            new = _segments_to_boxes(resample_segments(segments), m, bool(perspective), width, height)
-        else:
-            new = _warp_boxes(targets[:, 1:5], m, bool(perspective), width, height)
-        area_thr = 0.01 if use_segments else 0.10
+        has_polygon = _polygon_mask(segments, n)
+        new = np.zeros((n, 4))
+        if not has_polygon.all():  # box rows: warp the box corners
+            new[~has_polygon] = _warp_boxes(targets[~has_polygon, 1:5], m, bool(perspective), width, height)
+        if has_polygon.any():
+            polygons = resample_segments([segments[i] for i in np.flatnonzero(has_polygon)])
+            new[has_polygon] = _segments_to_boxes(polygons, m, bool(perspective), width, height)
+        area_thr = np.where(has_polygon, 0.01, 0.10)  # polygon boxes are tighter: keep smaller remainders
         keep = box_candidates(box1=targets[:, 1:5].T * zoom, box2=new.T, area_thr=area_thr)
         targets = targets[keep]
         targets[:, 1:5] = new[keep]
@@ -259,6 +272,14 @@ def _place(i: int, xc: int, yc: int, w: int, h: int, s: int) -> tuple[tuple[int,
     return a, b
 
 
+def _pixel_polygons(polygons: Sequence[np.ndarray], n: int, w: int, h: int, padw: int, padh: int) -> list:
+    """One image's polygons in mosaic pixels, one per label; an image whose labels are box rows (no
+    polygons, as in a dataset mixing both formats) gets an empty (0, 2) array per label."""
+    if len(polygons) != n:
+        return [np.zeros((0, 2), dtype=np.float32) for _ in range(n)]
+    return [xyn2xy(np.array(p, dtype=np.float32), w, h, padw, padh) for p in polygons]
+
+
 def load_mosaic(
     load_fn: LoadFn,
     indices: Sequence[int],
@@ -314,7 +335,7 @@ def load_mosaic(
         if lb.size:
             lb[:, 1:] = xywhn2xyxy(lb[:, 1:], w, h, padw, padh)
         if segments is not None:
-            all_segments += [xyn2xy(np.array(p, dtype=np.float32), w, h, padw, padh) for p in segments[index]]
+            all_segments += _pixel_polygons(segments[index], len(lb), w, h, padw, padh)
         all_labels.append(lb)
 
     merged = np.concatenate(all_labels, 0)

@@ -12,10 +12,12 @@ Example:
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
 import re
+import shutil
 import struct
 import zipfile
 from copy import deepcopy
@@ -32,9 +34,9 @@ from models.common import C3, SPPF, Bottleneck, Concat, Conv
 from models.yolo import Detect, DetectionModel
 from utils.names import normalise_names
 
-__all__ = ["CheckpointError", "UnsafeCheckpointError", "FORMAT", "FORMAT_VERSION", "CheckpointRecord",
-           "load_checkpoint", "read_checkpoint", "build_float_model", "make_checkpoint", "save_checkpoint",
-           "is_official", "transfer_state_dict"]
+__all__ = ["CheckpointError", "CheckpointWriteError", "UnsafeCheckpointError", "FORMAT", "FORMAT_VERSION",
+           "CheckpointRecord", "load_checkpoint", "read_checkpoint", "build_float_model", "make_checkpoint",
+           "save_checkpoint", "is_official", "transfer_state_dict", "check_finite"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -47,10 +49,15 @@ _EXTRA_OPTIONAL = ("ema_state_dict", "optimizer", "updates", "date")
 
 # State-dict entries that may exist on one side only: buffers older releases kept.
 _TOLERATED_SUFFIXES = ("anchor_grid", "num_batches_tracked")
+_RANGE_STATS = ("min_val", "max_val")  # observer statistics; +-inf before the first observation
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, damaged, or does not fit the model."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (e.g. disk full); the message says which earlier version is intact."""
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -191,8 +198,31 @@ def make_checkpoint(model: nn.Module, **extra: Any) -> dict:
     return ckpt
 
 
+def _os_error_in(err: BaseException | None) -> OSError | None:
+    """The OSError behind ``err`` (torch.save reports a failed write as a RuntimeError whose context it is)."""
+    while err is not None:
+        if isinstance(err, OSError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _write_failure(path: Path, os_err: OSError) -> str:
+    """One line: what failed, where, and which version of the file is still good."""
+    kept = (f"the previous {path.name} ({datetime.fromtimestamp(path.stat().st_mtime):%Y-%m-%d %H:%M:%S}) "
+            "is intact" if path.exists() else f"no earlier {path.name} exists")
+    if os_err.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = shutil.disk_usage(path.parent).free / 1e6
+        return f"{path}: disk full while writing the checkpoint ({free:.0f} MB free in {path.parent}); {kept}"
+    return f"{path}: could not write the checkpoint ({os_err.strerror or os_err}); {kept}"
+
+
 def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
-    """Write ``ckpt`` atomically: a temporary file in the same folder, fsync, then rename."""
+    """Write ``ckpt`` atomically: a temporary file in the same folder, fsync, then rename.
+
+    A failed write (e.g. a full disk) leaves any earlier ``path`` untouched and raises CheckpointWriteError,
+    one line saying what failed and whether an earlier version of the file is still there.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -202,6 +232,11 @@ def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        os_err = _os_error_in(err)
+        if os_err is None:
+            raise
+        raise CheckpointWriteError(_write_failure(path, os_err)) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -219,6 +254,21 @@ def transfer_state_dict(model: nn.Module, state: dict[str, torch.Tensor], exclud
               if k in own and v.shape == own[k].shape and not any(x in k for x in exclude)}
     model.load_state_dict(chosen, strict=False)
     return len(chosen)
+
+
+def check_finite(path: str | Path, state: dict, entry: str = "state_dict") -> None:
+    """Raise CheckpointError naming the file and the first tensor of ``state`` holding NaN or inf.
+
+    Observer range statistics (``min_val``/``max_val`` of fake quantizers) are skipped: +-inf there means
+    "nothing observed yet", which a QAT checkpoint may legitimately hold.
+    """
+    for name, value in state.items():
+        if name.rsplit(".", 1)[-1] in _RANGE_STATS:
+            continue
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"{path}: {entry} tensor {name!r} holds {bad} non-finite values (nan/inf); "
+                                  "these weights are unusable (a diverged run?), use an earlier checkpoint")
 
 
 def _check_keys(path: Path, own: dict, state: dict) -> None:
@@ -296,6 +346,14 @@ def _floats(stride: Any) -> Optional[list[float]]:
     return [float(s) for s in (stride.tolist() if isinstance(stride, torch.Tensor) else stride)]
 
 
+def _checked(record: CheckpointRecord) -> CheckpointRecord:
+    """The record, once its weights (evaluated and trained) are known to be finite."""
+    check_finite(record.path, record.state, record.weights)
+    if record.train_state is not record.state:
+        check_finite(record.path, record.train_state, "train_state_dict")
+    return record
+
+
 def read_checkpoint(path: str | Path) -> CheckpointRecord:
     """Load a checkpoint of either format (safely, see :func:`load_checkpoint`) into a record.
 
@@ -306,9 +364,9 @@ def read_checkpoint(path: str | Path) -> CheckpointRecord:
     path = Path(path)
     ckpt = load_checkpoint(path)
     if ckpt.get("format") == FORMAT:
-        return _own_record(path, ckpt)
+        return _checked(_own_record(path, ckpt))
     if is_official(ckpt):
-        return _official_record(path, ckpt)
+        return _checked(_official_record(path, ckpt))
     raise CheckpointError(f"{path}: neither an official YOLOv5 checkpoint nor format {FORMAT!r} "
                           f"(keys: {sorted(map(str, ckpt))[:6]})")
 

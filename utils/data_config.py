@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from utils.config_checks import Field, check_field, yaml_error_line
 from utils.paths import ROOT as REPO_ROOT
 
 LOGGER = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def _read_yaml(file: Path) -> dict:
         with open(file, encoding="utf-8", errors="ignore") as f:
             data = yaml.safe_load(f)
     except yaml.YAMLError as e:
-        raise DataConfigError(f"{file}: not valid yaml ({str(e).splitlines()[0]})") from e
+        raise DataConfigError(f"{file}: not valid yaml ({yaml_error_line(e)})") from e
     if not isinstance(data, dict):
         raise DataConfigError(f"{file}: expected a mapping at the top level, got {type(data).__name__}")
     return data
@@ -68,6 +69,24 @@ def _parse_names(names: Any, where: str) -> dict[int, str]:
             raise DataConfigError(f"{where}: 'names' keys must be 0..{len(out) - 1}, got {sorted(out)}")
         return dict(sorted(out.items()))
     raise DataConfigError(f"{where}: 'names' must be a list or a mapping, got {type(names).__name__}")
+
+
+def _check_fields(raw: dict, where: str, n_names: int) -> None:
+    """Types of the keys we read: nc an integer matching names, path a folder name, splits paths."""
+    if n_names == 0:
+        raise DataConfigError(f"{where}: 'names' is empty; give at least one class name")
+    if raw.get("nc") is not None:
+        check_field(where, "nc", raw["nc"], Field("int", lo=1), error=DataConfigError)
+        if raw["nc"] != n_names:
+            raise DataConfigError(f"{where}: nc={raw['nc']} but {n_names} names are given")
+    if raw.get("path") is not None and not isinstance(raw["path"], str):
+        raise DataConfigError(f"{where}: 'path' must be a folder name, got {raw['path']!r}")
+    for split in SPLITS:
+        value = raw.get(split)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if value is not None and not all(isinstance(x, str) for x in items):
+            raise DataConfigError(f"{where}: {split!r} must be a folder, an images .txt list or a list of "
+                                  f"those, got {value!r}")
 
 
 def resolve_root(path_value: Any, yaml_dir: Path | None) -> Path:
@@ -123,8 +142,7 @@ def load_data_config(data: str | Path | dict, autodownload: bool = False) -> dic
         if key not in raw or raw[key] is None:
             raise DataConfigError(f"{where}: '{key}:' field missing")
     names = _parse_names(raw["names"], where)
-    if "nc" in raw and raw["nc"] is not None and int(raw["nc"]) != len(names):
-        raise DataConfigError(f"{where}: nc={raw['nc']} but {len(names)} names are given")
+    _check_fields(raw, where, len(names))
 
     root = resolve_root(raw.get("path"), yaml_file.parent if yaml_file else None)
     cfg = dict(raw)

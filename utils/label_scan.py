@@ -186,6 +186,9 @@ def _parse_label_text(text: str, lb_file: str) -> tuple[np.ndarray, list[np.ndar
 
 def _check_labels(lb: np.ndarray, segments: list[np.ndarray], lb_file: str) -> tuple[np.ndarray, list, str]:
     """Value checks and duplicate removal (upstream keeps np.unique's sorted row order)."""
+    bad_rows = np.flatnonzero(~np.isfinite(lb).all(1))  # NaN compares False with everything: test it first
+    if len(bad_rows):
+        raise _BadSample(f"{lb_file}: non-finite label values (nan/inf) in row {bad_rows[0] + 1}")
     if (lb < 0).any():
         raise _BadSample(f"{lb_file}: negative label values {lb[lb < 0]}")
     if (lb[:, 1:] > 1).any():

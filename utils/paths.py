@@ -15,15 +15,33 @@ class RunDirError(OSError):
     """A run folder that cannot be created or written to."""
 
 
+def _claim_dir(path: Path, sep: str) -> Path:
+    """Create the first free folder ``path``, ``path{sep}2``, ... with an atomic mkdir: a run started at the
+    same moment that created the same name first makes this one take the next number."""
+    for n in range(1, 10000):
+        candidate = path if n == 1 else Path(f"{path}{sep}{n}")
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise RunDirError(f"{candidate}: run folder is not writable ({e.strerror or e})") from e
+    raise RunDirError(f"{path}: no free numbered name up to {path}{sep}9999")
+
+
 def increment_path(path: str | os.PathLike, exist_ok: bool = False, sep: str = "",
-                   mkdir: bool = False) -> Path:
+                   mkdir: bool = False, claim: bool = False) -> Path:
     """Return ``path``, or the first free ``path{sep}2``, ``path{sep}3``, ... when it already exists.
 
     For an existing file the number goes before the suffix (``a.txt`` -> ``a2.txt``). With
     ``exist_ok`` an existing path is reused as is. ``mkdir`` creates the resulting directory.
+    ``claim`` (folders, without ``exist_ok``) creates it atomically, so concurrent runs never share one.
     Example: with runs/val/exp present, ``increment_path('runs/val/exp')`` is ``runs/val/exp2``.
     """
     path = Path(path)
+    if claim and not exist_ok and not path.is_file():
+        return _claim_dir(path, sep)
     if path.exists() and not exist_ok:
         stem, suffix = (path.with_suffix(""), path.suffix) if path.is_file() else (path, "")
         for n in range(2, 10000):

@@ -16,6 +16,8 @@ from torch import nn
 from models.yolo import DetectionModel
 from utils.checkpoint import (CheckpointError, CheckpointRecord, make_checkpoint, read_checkpoint, save_checkpoint,
                               transfer_state_dict)
+from utils.config_checks import check_hyp_values, read_yaml
+from utils.data_config import DataConfigError, load_data_config
 from utils.torch_utils import de_parallel, linear_lr, one_cycle, smart_optimizer
 
 LOGGER = logging.getLogger(__name__)
@@ -31,9 +33,10 @@ OPTIONAL_HYP_KEYS = ("anchors", "label_smoothing", "ema_decay")  # upstream's co
 
 
 def check_hyp(hyp: Any, source: str | Path = "hyp") -> dict:
-    """Validate a hyperparameter dict: a missing required key is an error, an unknown one a warning.
+    """Validate a hyperparameter dict: a missing required key or a value of the wrong type or range is an
+    error, an unknown key a warning.
 
-    Raises ValueError in one line naming ``source`` and the missing keys; returns ``hyp``.
+    Raises ValueError in one line naming ``source`` and the key(s) (and the allowed values); returns ``hyp``.
     """
     if not isinstance(hyp, dict):
         raise ValueError(f"{source}: hyperparameters must be a mapping of name: value, got {type(hyp).__name__}")
@@ -41,22 +44,46 @@ def check_hyp(hyp: Any, source: str | Path = "hyp") -> dict:
     if missing:
         raise ValueError(f"{source}: missing required hyperparameters {missing} "
                          f"(see data/hyps/hyp.scratch-low.yaml)")
+    check_hyp_values(hyp, source)  # types and ranges, e.g. `lr0: abc` names the file and the key
     unknown = [k for k in hyp if k not in REQUIRED_HYP_KEYS and k not in OPTIONAL_HYP_KEYS]
     if unknown:  # probably a typo: upstream would silently ignore it, we say so once
         LOGGER.warning(f"WARNING: {source}: unknown hyperparameters {unknown} are ignored")
     return hyp
 
 
+def prepare_data(data: str | Path | dict) -> dict:
+    """Load the dataset yaml for training (a 'train' split is required), generating the synthetic
+    dataset first when the yaml asks for it."""
+    if not isinstance(data, dict) and Path(data).is_file():
+        raw = read_yaml(data, "dataset")
+        params = raw.get("synthetic") if isinstance(raw, dict) else None
+        if isinstance(params, dict):
+            from utils.synthetic import ensure_synthetic_dataset
+
+            root = Path(str(raw.get("path") or "")).expanduser()
+            root = root if root.is_absolute() else (Path(data).resolve().parent / root).resolve()
+            ensure_synthetic_dataset(root, **params)
+    cfg = load_data_config(data)
+    if not cfg.get("train"):
+        raise DataConfigError(f"{cfg['yaml_file'] or 'dataset dict'}: 'train:' field missing or empty "
+                              "(training needs a folder, an images .txt list or a list of those)")
+    return cfg
+
+
 def build_model(weights: str | Path | None, cfg: str | Path | None, nc: int, hyp: dict, act: str | None,
-                resume: bool, device: torch.device) -> tuple[DetectionModel, CheckpointRecord | None]:
+                resume: bool, device: torch.device, qat: bool | None = None) -> tuple[DetectionModel, CheckpointRecord | None]:
     """The model to train: from ``weights`` (transferring what fits) or from the ``cfg`` yaml.
 
     Like upstream, training starts from the raw (non-EMA) weights when a checkpoint has them.
-    Returns the model and the checkpoint record (None when built from a yaml only).
+    Returns the model and the checkpoint record (None when built from a yaml only). ``qat`` False
+    refuses a QAT checkpoint: training it as a float model would silently drop its quantization.
     """
     anchors = hyp.get("anchors")
     if weights:
         record = read_checkpoint(weights)
+        if qat is False and record.quant is not None:
+            raise ValueError(f"{weights}: is a QAT (power-of-2 INT8) checkpoint; add --qat to continue "
+                             "quantization-aware training from it (without --qat its quantization would be dropped)")
         model = DetectionModel(cfg or record.yaml, ch=3, nc=nc, anchors=anchors, act=act)
         exclude = ("anchor",) if (cfg or anchors) and not resume else ()
         n = transfer_state_dict(model, record.train_state, exclude=exclude)
@@ -76,6 +103,9 @@ def freeze_layers(model: nn.Module, freeze: list[int]) -> list[str]:
         if any(x in name for x in prefixes):
             p.requires_grad = False
             frozen.append(name)
+    if frozen and len(frozen) == len(list(model.parameters())):  # backward would fail with a raw RuntimeError
+        raise ValueError(f"--freeze {' '.join(map(str, freeze))}: freezes every layer of the model "
+                         f"({len(getattr(model, 'model', []))} layers), nothing would train; freeze fewer layers")
     if frozen:
         LOGGER.info(f"freezing {len(frozen)} parameters in {len(prefixes)} layers")
     return frozen

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from utils.autoanchor import check_anchors
 from utils.callbacks_log import ResultsLogger
 from utils.checkpoint import CheckpointRecord, save_checkpoint
-from utils.data_config import check_img_size, load_data_config
+from utils.data_config import check_img_size
 from utils.dataset import create_dataloader
 from utils.evaluate import EvalOptions, result_tuple, validate
 from utils.log import TQDM_BAR_FORMAT, colorstr
@@ -38,7 +38,7 @@ from utils.torch_utils import EarlyStopping, ModelEMA, de_parallel, torch_distri
 from utils.train_config import DistContext, TrainConfig
 from utils.train_guard import NonFiniteLossError, StepGuard, StopOnSigint
 from utils.metrics import fitness
-from utils.train_setup import (build_model, freeze_layers, get_rng_state, lr_lambda, make_optimizer,
+from utils.train_setup import (build_model, freeze_layers, get_rng_state, lr_lambda, make_optimizer, prepare_data,
                                resume_from, scale_loss_gains, set_rng_state, strip_checkpoint, training_checkpoint,
                                warmup_iterations)
 
@@ -47,21 +47,6 @@ LOGGER = logging.getLogger(__name__)
 MAX_GRAD_NORM = 10.0
 NONFINITE_LIMIT = 10  # consecutive skipped steps before the run is declared diverged
 PROGRESS_INTERVAL_S = 0.5  # the loss shown in the progress bar is read from the device at most this often
-
-
-def prepare_data(data: str | Path | dict) -> dict:
-    """Load the dataset yaml, generating the synthetic dataset first when it asks for it."""
-    if not isinstance(data, dict) and Path(data).is_file():
-        with open(data, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh) or {}
-        params = raw.get("synthetic") if isinstance(raw, dict) else None
-        if isinstance(params, dict):
-            from utils.synthetic import ensure_synthetic_dataset
-
-            root = Path(str(raw.get("path") or "")).expanduser()
-            root = root if root.is_absolute() else (Path(data).resolve().parent / root).resolve()
-            ensure_synthetic_dataset(root, **params)
-    return load_data_config(data)
 
 
 class Trainer:
@@ -102,7 +87,8 @@ class Trainer:
         self.names = {0: "item"} if opt.single_cls and len(names) != 1 else dict(names)
         self.is_coco = str(self.data.get("val", "")).endswith("coco/val2017.txt")
 
-        model, record = build_model(opt.weights, opt.cfg, self.nc, self.hyp, opt.act, opt.resume, self.device)
+        model, record = build_model(opt.weights, opt.cfg, self.nc, self.hyp, opt.act, opt.resume, self.device,
+                                    qat=self.qat)
         self.gs = max(int(model.stride.max()), 32)
         self.imgsz = check_img_size(opt.imgsz, self.gs, floor=self.gs * 2)
         if opt.qat:
@@ -254,6 +240,8 @@ class Trainer:
                         break
                 else:
                     finished = True
+                if finished:
+                    self.guard.check_progress()
             except NonFiniteLossError:
                 self._keep_last_good(epoch)
                 raise
