@@ -66,7 +66,7 @@ def test_qat_report_on_float_checkpoint_says_why_nothing(tmp_path, data_yaml, ck
 def test_qat_report_on_onnx_says_why_nothing(caplog):
     model = DetectionModel("yolov5p.yaml", nc=2)
     with caplog.at_level(logging.WARNING):
-        val._qat_report(model, None, "cpu", "model.onnx")
+        val._qat_report(model, None, "cpu", "model.onnx", Path("unused"))
     assert "model.onnx is an ONNX file" in caplog.text and "nothing to report" in caplog.text
 
 
