@@ -24,7 +24,7 @@ from torch import nn
 
 from models.activations import ActivationSpec, activation_name, is_activation, make_activation
 from models.common import BN_EPS, BN_MOMENTUM, C3, SPPF, Bottleneck, Concat, Conv, fuse_conv_bn
-from utils.config_checks import check_model_yaml, read_yaml
+from models.yaml_checks import check_model_yaml, read_yaml
 
 __all__ = ["Detect", "DetectionModel", "Model", "REGISTRY", "parse_model", "convert_activation",
            "make_divisible", "load_model_yaml"]

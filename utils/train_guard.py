@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 from typing import Any
@@ -52,8 +51,8 @@ class StopOnSigint:
     Installed only in the main thread (signal handlers can not be set elsewhere).
     """
 
-    def __init__(self, trainer: Any) -> None:
-        self.trainer, self.previous = trainer, {}
+    def __init__(self, trainer: Any, distributed: bool = False) -> None:
+        self.trainer, self.distributed, self.previous = trainer, distributed, {}
 
     def _handler(self, signum, frame) -> None:
         if self.trainer.interrupted:
@@ -64,7 +63,7 @@ class StopOnSigint:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            signals = [signal.SIGINT] + ([signal.SIGTERM] if int(os.getenv("RANK", -1)) == -1 else [])
+            signals = [signal.SIGINT] + ([] if self.distributed else [signal.SIGTERM])
             self.previous = {s: signal.signal(s, self._handler) for s in signals}
         return self
 

@@ -227,7 +227,7 @@ class Trainer:
                     f"Using {self.train_loader.num_workers} dataloader workers\n"
                     f"Logging results to {colorstr('bold', str(self.save_dir))}\n"
                     f"Starting training for {opt.epochs} epochs...")
-        with StopOnSigint(self):
+        with StopOnSigint(self, distributed=self.dist.distributed):
             try:
                 for epoch in range(self.start_epoch, opt.epochs):
                     self._train_epoch(epoch)
