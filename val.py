@@ -139,7 +139,7 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
                       save_dir=save_dir if plots else None, plots=plots,
                       on_image=writer if (save_txt or save_json) else None)
     print_results(result, names, per_class=(verbose or (nc < 50 and not training)),
-                  batch_shape=None if training else (batch_size, 3, imgsz, imgsz))
+                  batch_shape=None if training else result.input_shape)
     if qat_report and _is_quantized(model):
         from quant.report import quantizer_table
 
