@@ -133,7 +133,7 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
     options = EvalOptions(conf_thres, iou_thres, max_det, single_cls, augment, half)
     result = validate(model, dataloader, data, options, compute_loss=compute_loss, save_dir=save_dir, plots=plots,
                       on_image=writer if (save_txt or save_json) else None, per_class=verbose or nc < 50,
-                      batch_shape=(batch_size, 3, imgsz, imgsz), device=device)
+                      speed_line=True, device=device)
     if qat_report:
         _qat_report(model, dataloader, device, weights, save_dir)
     if save_json and writer.records:

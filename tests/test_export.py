@@ -260,3 +260,18 @@ def test_bench_onnx_latency(static320, dynamic256, tmp_path):
     assert rows[0]["shape"] == [1, 3, 320, 320] and rows[1]["shape"] == [1, 3, 128, 128]
     assert all(r["median_ms"] > 0 and r["images_per_s"] > 0 for r in rows)
     assert rows[0]["speedup_vs_first"] == 1.0 and json.loads(out.read_text())[1]["quant"] is None
+
+
+def test_val_speed_line_shows_the_shape_that_ran(static320, coco128_yaml, shared_dir, tmp_path, caplog):
+    """A static batch-1 file runs (1, 3, 320, 320) whatever --batch-size is; PyTorch runs the rect batches."""
+    import val
+
+    caplog.set_level(logging.INFO)
+    images = sorted((shared_dir / "datasets" / "coco128" / "images" / "train2017").glob("*.jpg"))[:6]
+    (tmp_path / "six.txt").write_text("".join(f"{p}\n" for p in images))
+    data = tmp_path / "six.yaml"
+    data.write_text(coco128_yaml.read_text().replace("val: images/train2017", f"val: {tmp_path / 'six.txt'}"))
+    for weights, shape in ((static320[0].file, "(1, 3, 320, 320)"), (static320[1], "(4, 3, 256, 352)")):
+        caplog.clear()
+        val.run(data=data, weights=weights, batch_size=4, imgsz=320, workers=0, plots=False, project=tmp_path)
+        assert f"per image at shape {shape}" in caplog.text, [r.getMessage() for r in caplog.records][-3:]

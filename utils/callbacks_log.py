@@ -28,6 +28,7 @@ def _tensorboard_writer(save_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional; results.csv always exists
+        LOGGER.info("TensorBoard: not installed, no event files written (pip install tensorboard)")
         return None
     LOGGER.info("TensorBoard: start with 'tensorboard --logdir %s'", save_dir.parent)
     return SummaryWriter(str(save_dir))

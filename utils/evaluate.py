@@ -7,6 +7,7 @@ session wrapped as a callable.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
@@ -46,6 +47,7 @@ class EvalResult:
     maps: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per class mAP50-95, nc long
     speeds_ms: tuple = (0.0, 0.0, 0.0)  # pre-process, inference, NMS per image
     loss: Optional[torch.Tensor] = None  # mean (box, obj, cls) when a loss function was given
+    input_shape: tuple = ()  # the largest input (by element count) the model or ONNX session ran
 
     def row(self, name: str = "all") -> str:
         return ROW % (name, self.seen, self.instances.sum(), self.mp, self.mr, self.map50, self.map)
@@ -107,6 +109,7 @@ def evaluate(
     confusion = ConfusionMatrix(nc=nc) if plots else None
     stats, seen = [], 0
     dt = [0.0, 0.0, 0.0]
+    input_shape: tuple = ()
     loss = torch.zeros(3, device=device)
     for batch_i, (im, targets, paths, shapes) in enumerate(
             tqdm(dataloader, desc=HEADER, bar_format=TQDM_BAR_FORMAT)):
@@ -119,6 +122,8 @@ def evaluate(
         out = model(im, augment=options.augment) if options.augment else model(im)
         preds, raw = (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
         t2 = time_sync()
+        ran = tuple(getattr(model, "last_input_shape", None) or im.shape)
+        input_shape = ran if math.prod(ran) > math.prod(input_shape) else input_shape
         if compute_loss is not None and raw is not None:
             loss += compute_loss(raw, targets)[1]
         targets[:, 2:] *= torch.tensor((width, height, width, height), device=device)
@@ -146,7 +151,7 @@ def evaluate(
             _plot_batch(im, targets, preds, paths, names, save_dir, batch_i)
 
     result = _summarise(stats, nc, names, plots, save_dir)
-    result.seen = seen
+    result.seen, result.input_shape = seen, input_shape
     result.speeds_ms = tuple(x / max(seen, 1) * 1e3 for x in dt)
     if compute_loss is not None:
         result.loss = loss.cpu() / max(len(dataloader), 1)
@@ -160,13 +165,13 @@ def evaluate(
 @torch.no_grad()
 def validate(model: torch.nn.Module, dataloader, data: dict, options: EvalOptions = EvalOptions(), *,
              compute_loss: Optional[Callable] = None, save_dir: Optional[Path] = None, plots: bool = False,
-             on_image: Optional[Callable] = None, per_class: bool = False, batch_shape=None,
+             on_image: Optional[Callable] = None, per_class: bool = False, speed_line: bool = False,
              device: Optional[torch.device] = None) -> EvalResult:
     """Score a built PyTorch detector (or an ONNX session wrapper) on ``dataloader`` and print the table.
 
     What both training (every epoch, on its EMA model) and ``val.run`` (after loading a file) call.
     ``data`` is a loaded dataset config (``nc``, ``names``); ``options.half`` runs in fp16 (ignored on
-    CPU). ``per_class`` adds a row per class; ``batch_shape`` adds the speed line. ``device`` defaults
+    CPU). ``per_class`` adds a row per class; ``speed_line`` the Speed line with the input shape that ran. ``device`` defaults
     to the model's (give it for a model without parameters, e.g. an ONNX session).
 
     Example:
@@ -181,7 +186,7 @@ def validate(model: torch.nn.Module, dataloader, data: dict, options: EvalOption
     names = {0: "item"} if options.single_cls and len(data["names"]) != 1 else dict(data["names"])
     result = evaluate(model, dataloader, device, nc, names, options, compute_loss=compute_loss,
                       save_dir=save_dir if plots else None, plots=plots, on_image=on_image)
-    print_results(result, names, per_class=per_class, batch_shape=batch_shape)
+    print_results(result, names, per_class=per_class, batch_shape=result.input_shape if speed_line else None)
     return result
 
 

@@ -134,6 +134,7 @@ class OnnxModel:
         self.output_names = [o.name for o in session.get_outputs()]
         self.names, self.nc = meta["names"], meta["nc"]
         self.stride = torch.tensor([float(meta["stride"])])
+        self.last_input_shape: tuple = ()
         if meta["raw_head"]:
             self._anchors = torch.tensor(meta["anchors"], dtype=torch.float32)
 
@@ -154,6 +155,8 @@ class OnnxModel:
 
     def _run(self, x: np.ndarray) -> list[np.ndarray]:
         batch = self.meta["batch"]
+        # what the session itself ran (a static batch runs in chunks), for val.py's Speed line
+        self.last_input_shape = x.shape if batch == "dynamic" else (batch, *x.shape[1:])
         if batch == "dynamic" or x.shape[0] == batch:
             return self.session.run(self.output_names, {self.input_name: x})
         parts = []
