@@ -16,7 +16,7 @@ import dataclasses
 import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import yaml
 
@@ -79,8 +79,14 @@ class QuantSpec:
         if not 0.0 < float(self.averaging_constant) <= 1.0:
             raise ValueError(f"QuantSpec.averaging_constant must be in (0, 1], got {self.averaging_constant!r}")
         fixed = self.fixed_exponent
-        if fixed is not None and (isinstance(fixed, bool) or not isinstance(fixed, int)):
-            raise ValueError(f"QuantSpec.fixed_exponent must be an int or null, got {fixed!r}")
+        if fixed is not None and (isinstance(fixed, bool) or not isinstance(fixed, int) or not -32 <= fixed <= 32):
+            # beyond +-32 the scale over- or underflows: NaN outputs or every value quantized to 0
+            raise ValueError(f"QuantSpec.fixed_exponent must be an int in [-32, 32] or null, got {fixed!r}")
+        for name in ("per_channel",):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"QuantSpec.{name} must be true or false, got {getattr(self, name)!r}")
+        if isinstance(self.ch_axis, bool) or not isinstance(self.ch_axis, int):
+            raise ValueError(f"QuantSpec.ch_axis must be an int, got {self.ch_axis!r}")
         pct = self.percentile
         if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 50.0 <= float(pct) <= 100.0:
             raise ValueError(f"QuantSpec.percentile must be a number in [50, 100], got {pct!r}")
@@ -111,6 +117,8 @@ class LayerRule:
     def __post_init__(self) -> None:
         if not isinstance(self.pattern, str) or not self.pattern:
             raise ValueError(f"LayerRule.pattern must be a non-empty string, got {self.pattern!r}")
+        if not isinstance(self.float, bool):
+            raise ValueError(f"LayerRule {self.pattern!r}: float must be true or false, got {self.float!r}")
         if self.kind == "layer":
             index = self.pattern[len(_LAYER_PREFIX):]
             if not index.lstrip("-").isdigit():
@@ -183,6 +191,11 @@ class QuantConfig:
         object.__setattr__(self, "rules", rules)
         object.__setattr__(self, "leaf_modules", leaves)
 
+    def unmatched_rules(self, names: Iterable[str], index_of: Callable[[str], Optional[int]]) -> list[LayerRule]:
+        """The rules that match none of ``names`` (module names; ``index_of`` gives their layer index)."""
+        names = list(names)
+        return [r for r in self.rules if not any(r.matches(n, index_of(n)) for n in names)]
+
     def find_rule(self, module_name: str, layer_index: Optional[int] = None) -> Optional[LayerRule]:
         """The rule that applies: first exact name, else first glob, else first 'layer:<i>', else None."""
         for kind in ("exact", "glob", "layer"):
@@ -233,8 +246,12 @@ class QuantConfig:
             raise ValueError(message if message.startswith(source) else f"{source}: {message}") from None
 
     @classmethod
-    def from_yaml(cls, path: Union[str, Path]) -> "QuantConfig":
-        """Load a yaml file (see data/quant/*.yaml); errors name the file and the offending key."""
+    def from_yaml(cls, path: Union[str, Path], base: Optional[Mapping[str, Any]] = None) -> "QuantConfig":
+        """Load a yaml file (see data/quant/*.yaml); errors name the file and the offending key.
+
+        With ``base`` (plain data of another config), the file is layered on it (see :func:`layered`):
+        a file holding only ``rules:`` keeps everything else from ``base``.
+        """
         path = Path(path)
         with open(path, encoding="utf-8") as f:
             try:
@@ -243,7 +260,9 @@ class QuantConfig:
                 mark = getattr(err, "problem_mark", None)
                 at = f" at line {mark.line + 1}" if mark is not None else ""
                 raise ValueError(f"{path}: not valid yaml ({getattr(err, 'problem', None) or err}{at})") from None
-        return cls.from_dict(data or {}, source=str(path))
+        if data is not None and not isinstance(data, Mapping):
+            raise ValueError(f"{path}: quantization config must be a mapping, got {type(data).__name__}")
+        return cls.from_dict(layered(base, data or {}) if base is not None else data or {}, source=str(path))
 
     def to_dict(self) -> dict:
         """Plain-python form; ``QuantConfig.from_dict(cfg.to_dict()) == cfg``."""
@@ -262,6 +281,18 @@ class QuantConfig:
     def to_yaml(self, path: Union[str, Path]) -> None:
         """Write :meth:`to_dict` as yaml (saved beside training results)."""
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def layered(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict:
+    """``top`` over ``base``: the spec mappings (weight, activation, input) merge field by field, every
+    other key given in ``top`` (rules, leaf_modules, ...) replaces base's."""
+    out = dict(base)
+    for key, value in top.items():
+        if key in ("weight", "activation", "input") and isinstance(value, Mapping) and isinstance(base.get(key), Mapping):
+            out[key] = {**base[key], **value}
+        else:
+            out[key] = value
+    return out
 
 
 def _field_names(cls: type) -> tuple[str, ...]:

@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import difflib
 import inspect
 import logging
 import re
@@ -426,6 +427,7 @@ def prepare(model: nn.Module, example_inputs: Union[torch.Tensor, tuple], config
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     index_of = layer_index_of or (lambda name: None)
     param = next(model.parameters(), None)
+    _check_rules_match(config, model, index_of)
     root = copy.deepcopy(model)
     traced = trace(root, config.leaf_modules, _concrete_args(model, len(inputs)))
     chains = find_conv_bn_act(traced)
@@ -488,6 +490,21 @@ def begin_observation_step(module: nn.Module, _args) -> None:
             m.begin_step()
             if broadcast:
                 m.forget_cached_scale()
+
+
+def _check_rules_match(config: QuantConfig, model: nn.Module, index_of: Callable[[str], Optional[int]]) -> None:
+    """A rule that matches no module is a typo until shown otherwise: refuse it, naming near matches
+    (a silently ignored 'float' rule would leave the user believing a layer is float)."""
+    names = [n for n, _ in model.named_modules() if n]
+    unmatched = config.unmatched_rules(names, index_of)
+    if unmatched:
+        rule = unmatched[0]
+        near = difflib.get_close_matches(rule.pattern, names, n=4, cutoff=0.6)
+        layers = sorted({i for i in map(index_of, names) if i is not None})
+        hint = (f"near matches: {', '.join(near)}" if near else
+                f"layer indices here: {layers[0]}..{layers[-1]}" if rule.kind == "layer" and layers else
+                "module names look like " + ", ".join(names[:3]))
+        raise ValueError(f"quantization rule {rule.pattern!r} matches no layer of {type(model).__name__} ({hint})")
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ checkpoint stores the float model's yaml, the prepared model's state and the qua
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from copy import deepcopy
@@ -47,7 +48,11 @@ def load_quant_config(config: Union[str, Path, dict, Any, None]):
         path = ROOT / path
     if not path.is_file():
         raise FileNotFoundError(f"{path}: QAT config not found")
-    return QuantConfig.from_yaml(path)
+    if path.resolve() == DEFAULT_QAT_CONFIG.resolve():
+        return QuantConfig.from_yaml(path)
+    # a user's file layers on the shipped recipe: one holding only `rules:` keeps the measured defaults
+    base = QuantConfig.from_yaml(DEFAULT_QAT_CONFIG).to_dict()
+    return QuantConfig.from_yaml(path, base=base)
 
 
 def prepare_qat_model(model: nn.Module, imgsz: int, config=None, graph_dir: Optional[Path] = None) -> nn.Module:
@@ -56,6 +61,8 @@ def prepare_qat_model(model: nn.Module, imgsz: int, config=None, graph_dir: Opti
     from quant.prepare import prepare
 
     config = load_quant_config(config)
+    if "Detect" not in config.leaf_modules:  # tracing into the head would split its three outputs
+        config = dataclasses.replace(config, leaf_modules=(*config.leaf_modules, "Detect"))
     silu = sum(isinstance(m, nn.SiLU) for m in model.modules())
     if silu:
         LOGGER.warning(f"WARNING: the model still has {silu} SiLU activations; they stay float after "
