@@ -149,6 +149,15 @@ def format_table(rows: list[dict], scored_on: str) -> str:
     return "\n".join(lines)
 
 
+def scored_on(data_yaml: str) -> str:
+    """What an accuracy table was scored on, saying so when the val split is the training split."""
+    from utils.data_config import load_data_config
+
+    data = load_data_config(data_yaml)
+    same = data.get("val") == data.get("train")
+    return f"{Path(data_yaml).name} '{data.get('val')}'" + (" (also the training images: in-sample)" if same else "")
+
+
 def parse_opt(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--weights", required=True, help="float checkpoint (ReLU model)")
@@ -163,16 +172,12 @@ def parse_opt(argv=None) -> argparse.Namespace:
 
 
 def main(opt: argparse.Namespace) -> int:
-    from utils.data_config import load_data_config
     from utils.log import setup_logging
 
     setup_logging()
-    data = load_data_config(opt.data)
-    scored_on = f"{Path(opt.data).name} '{data.get('val')}'" + (
-        " (the calibration images too: in-sample)" if data.get("val") == data.get("train") else "")
     rows = run_variants(opt.weights, opt.data, opt.imgsz, [v for v in opt.variants.split(",") if v],
                         opt.calib_images, opt.batch_size, opt.workers)
-    print(format_table(rows, scored_on))
+    print(format_table(rows, scored_on(opt.data)))
     if opt.json:
         Path(opt.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -130,16 +130,13 @@ def parse_opt(argv=None) -> argparse.Namespace:
 
 
 def main(opt: argparse.Namespace) -> int:
-    from utils.data_config import load_data_config
+    from bench.ptq_accuracy import scored_on
     from utils.log import setup_logging
 
     setup_logging()
-    data = load_data_config(opt.data)
-    scored_on = f"{Path(opt.data).name} '{data.get('val')}'" + (
-        " (also the training images: in-sample)" if data.get("val") == data.get("train") else "")
     rows = run_recipes(opt.weights, opt.data, opt.imgsz, opt.epochs, [v for v in opt.variants.split(",") if v],
                        opt.batch_size, opt.workers, opt.export, opt.project)
-    print(format_table(rows, opt.epochs, scored_on))
+    print(format_table(rows, opt.epochs, scored_on(opt.data)))
     if opt.json:
         Path(opt.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -1,0 +1,43 @@
+"""The accuracy benchmarks' pieces that need no long run: variant composition and the printed tables."""
+from __future__ import annotations
+
+import yaml
+
+from bench.ptq_accuracy import VARIANTS, format_table, merge_config, scored_on
+from bench.qat_recipe import _combined
+from bench.qat_recipe import format_table as qat_table
+from quant.config import QuantConfig
+from utils.paths import ROOT
+
+
+def test_every_ptq_variant_builds_a_valid_config():
+    base = yaml.safe_load((ROOT / "data" / "quant" / "default.yaml").read_text())
+    for name, changes in VARIANTS.items():
+        cfg = QuantConfig.from_dict(merge_config(base, changes), source=name)
+        assert cfg.leaf_modules == ("Detect",), name
+    before = QuantConfig.from_dict(merge_config(base, VARIANTS["before"]))
+    assert before.weight.rounding == "round" and before.activation.observer == "ema_minmax"
+    assert not before.bias_correction and before.weight.per_channel  # spec keys merge field by field
+    stacked = QuantConfig.from_dict(merge_config(merge_config(base, VARIANTS["stage1"]), VARIANTS["w_mse"]))
+    assert stacked.weight.rounding == "mse" and not stacked.bias_correction and stacked.rules == ()
+
+
+def test_ptq_table_reports_drops_in_points(tmp_path):
+    rows = [{"variant": "float", "mAP50": 0.5, "mAP50-95": 0.3, "seconds": 1.0},
+            {"variant": "default", "mAP50": 0.49, "mAP50-95": 0.297, "seconds": 9.0, "calibrate_s": 5.0,
+             "bias_corrected": 3, "bias_correction_s": 2.0, "learned_rounding_s": 0.0}]
+    table = format_table(rows, "coco128")
+    assert "| default | 0.490 | 0.297 | -0.3 | 5.0 | - | 2.0 | 9 |" in table
+    (tmp_path / "images").mkdir()
+    data = tmp_path / "d.yaml"
+    data.write_text(yaml.safe_dump({"path": str(tmp_path), "train": "images", "val": "images", "names": ["a"]}))
+    assert scored_on(str(data)).endswith("(also the training images: in-sample)")
+
+
+def test_qat_recipe_variants_combine():
+    spec = _combined("observe_epoch0+no_ema")
+    assert spec == {"opt": {"qat_observer_epochs": 1}, "hyp": {"ema_decay": 0.0}}
+    table = qat_table([{"variant": "float", "mAP50": 0.5, "mAP50-95": 0.3},
+                       {"variant": "QAT default", "mAP50": 0.5, "mAP50-95": 0.31, "s_per_epoch": 12.0,
+                        "onnx_mAP50-95": 0.31}], 5, "coco128")
+    assert "| QAT default | 0.500 | 0.310 | +1.0 | 0.310 | 12 |" in table
