@@ -53,7 +53,7 @@ from quant.graph import (Chain, activation_kind, find_alignment_groups, find_con
                          resolve_producer, set_submodule, trace)
 from quant.graphviz import write_graphviz
 
-__all__ = ["ACT_QUANT", "PlanEntry", "QuantPlan", "PreparedModel", "prepare"]
+__all__ = ["ACT_QUANT", "PlanEntry", "QuantPlan", "PreparedModel", "check_rules_match", "prepare"]
 
 LOGGER = logging.getLogger(__name__)
 ACT_QUANT = "act_quant"  # the ModuleDict holding every activation quantizer
@@ -427,7 +427,6 @@ def prepare(model: nn.Module, example_inputs: Union[torch.Tensor, tuple], config
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     index_of = layer_index_of or (lambda name: None)
     param = next(model.parameters(), None)
-    _check_rules_match(config, model, index_of)
     root = copy.deepcopy(model)
     traced = trace(root, config.leaf_modules, _concrete_args(model, len(inputs)))
     chains = find_conv_bn_act(traced)
@@ -492,9 +491,12 @@ def begin_observation_step(module: nn.Module, _args) -> None:
                 m.forget_cached_scale()
 
 
-def _check_rules_match(config: QuantConfig, model: nn.Module, index_of: Callable[[str], Optional[int]]) -> None:
-    """A rule that matches no module is a typo until shown otherwise: refuse it, naming near matches
-    (a silently ignored 'float' rule would leave the user believing a layer is float)."""
+def check_rules_match(config: QuantConfig, model: nn.Module,
+                      index_of: Callable[[str], Optional[int]] = lambda name: None) -> None:
+    """Raise ValueError for the first rule of ``config`` that matches no module of ``model``, naming near
+    matches: in a config a user wrote, such a rule is a typo until shown otherwise (a silently ignored
+    'float' rule would leave them believing a layer is float). Not part of :func:`prepare`, which also
+    rebuilds models from saved configs whose rules were written for another model."""
     names = [n for n, _ in model.named_modules() if n]
     unmatched = config.unmatched_rules(names, index_of)
     if unmatched:

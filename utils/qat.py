@@ -48,19 +48,29 @@ def load_quant_config(config: Union[str, Path, dict, Any, None]):
         path = ROOT / path
     if not path.is_file():
         raise FileNotFoundError(f"{path}: QAT config not found")
-    if path.resolve() == DEFAULT_QAT_CONFIG.resolve():
+    if _is_default_config(path):
         return QuantConfig.from_yaml(path)
     # a user's file layers on the shipped recipe: one holding only `rules:` keeps the measured defaults
     base = QuantConfig.from_yaml(DEFAULT_QAT_CONFIG).to_dict()
     return QuantConfig.from_yaml(path, base=base)
 
 
+def _is_default_config(path: Union[str, Path]) -> bool:
+    path = Path(path)
+    if not path.is_file() and (ROOT / path).is_file():
+        path = ROOT / path
+    return path.resolve() == DEFAULT_QAT_CONFIG.resolve()
+
+
 def prepare_qat_model(model: nn.Module, imgsz: int, config=None, graph_dir: Optional[Path] = None) -> nn.Module:
     """Fuse and insert power-of-2 fake quantizers into a float DetectionModel (returns a new
     :class:`quant.prepare.PreparedModel`, traced at ``imgsz``)."""
-    from quant.prepare import prepare
+    from quant.prepare import check_rules_match, prepare
 
+    user_file = isinstance(config, (str, Path)) and bool(str(config)) and not _is_default_config(config)
     config = load_quant_config(config)
+    if user_file:  # a rule of the user's own file that matches nothing is a typo: say so before any work
+        check_rules_match(config, model, yolo_layer_index)
     if "Detect" not in config.leaf_modules:  # tracing into the head would split its three outputs
         config = dataclasses.replace(config, leaf_modules=(*config.leaf_modules, "Detect"))
     silu = sum(isinstance(m, nn.SiLU) for m in model.modules())
