@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from quant.bias_correction import correctable_convs
 from quant.calibrate import iter_images
-from quant.schedule import iter_quantizers, set_fake_quant
+from quant.schedule import flags_restored, set_fake_quant
 
 LOGGER = logging.getLogger(__name__)
 _ZETA, _GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch, as in the paper
@@ -69,17 +69,14 @@ def _capture(model: nn.Module, module: nn.Module, images: list[torch.Tensor], qu
     """(layer input, layer output) per image batch, with fake quantization on or off everywhere."""
     store: list[tuple] = []
     handle = module.register_forward_hook(lambda _m, args, out: store.append((args[0].detach(), out.detach())))
-    flags = {id(q): int(q.fake_quant_enabled) for _, q in iter_quantizers(model)}
     try:
-        if not quantized:
-            set_fake_quant(model, False)
-        with torch.no_grad():
+        with flags_restored(model), torch.no_grad():
+            if not quantized:
+                set_fake_quant(model, False)
             for im in images:
                 model(im)
     finally:
         handle.remove()
-        for _, q in iter_quantizers(model):
-            q.enable_fake_quant(bool(flags[id(q)]))
     return store
 
 

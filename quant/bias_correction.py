@@ -21,18 +21,14 @@ import torch
 import torch.nn as nn
 
 from quant.calibrate import iter_images
+from quant.fused import quantized_convs
 
 LOGGER = logging.getLogger(__name__)
 
 
 def correctable_convs(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every fused QAT conv whose weight quantizer is active."""
-    found = []
-    for name, module in model.named_modules():
-        fq = getattr(module, "weight_fake_quant", None)
-        if hasattr(module, "shift_output") and fq is not None and getattr(fq, "is_active", lambda: False)():
-            found.append((name, module))
-    return found
+    return quantized_convs(model, active_only=True)
 
 
 @torch.no_grad()

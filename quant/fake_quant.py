@@ -347,10 +347,10 @@ class Pow2FakeQuantize(nn.Module):
     def _observe_histogram(self, x: torch.Tensor) -> None:
         """Count x into the histogram and keep min/max over everything seen (host reads: the
         histogram's range is a Python int; this runs only while calibrating)."""
-        if x.numel() == 0:
+        seen = self._histogram.add(x)
+        if seen is None:
             return
-        self._histogram.add(x)
-        lo, hi = (v.float().reshape(1) for v in torch.aminmax(x.detach()))
+        lo, hi = (torch.full((1,), v, device=self.min_val.device) for v in seen)
         first = (self.calibrated == 0) | torch.isinf(self.min_val).any()
         self.min_val.copy_(torch.where(first, lo, torch.minimum(self.min_val, lo)))
         self.max_val.copy_(torch.where(first, hi, torch.maximum(self.max_val, hi)))

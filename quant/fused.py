@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["QATConvBnAct", "QATConv", "make_act"]
+__all__ = ["QATConvBnAct", "QATConv", "make_act", "quantized_convs"]
 
 # Replaces exact zeros of the BN scale (gamma == 0) so that dividing by it stays finite; such a
 # channel's quantized weight is zero anyway, so its output is unaffected.
@@ -62,6 +62,13 @@ def quantize_bias(bias: Optional[torch.Tensor], in_q: Optional[nn.Module], w_q: 
         return bias
     step = (_scale(in_q).to(bias) * _scale(w_q).to(bias)).reshape(-1)
     return bias + (torch.round(bias / step) * step - bias).detach()
+
+
+def quantized_convs(model: nn.Module, active_only: bool = False) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every fused QAT conv in ``model`` (with an active weight quantizer only, if asked):
+    what bias correction, learned rounding and the error report walk over."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (QATConvBnAct, QATConv))
+            and (not active_only or getattr(m.weight_fake_quant, "is_active", lambda: False)())]
 
 
 class _LinksInput:

@@ -55,20 +55,31 @@ def widen(hist: torch.Tensor, shift: int) -> torch.Tensor:
     return out
 
 
-@torch.no_grad()
-def add_to_histogram(hist: torch.Tensor, top: Optional[int], x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Count the finite values of ``x`` into ``hist`` (widening it first if needed); returns the
-    histogram and its range exponent. ``top=None`` means the histogram is empty."""
+def finite_range(x: torch.Tensor) -> Optional[tuple[torch.Tensor, float, float]]:
+    """(x flattened as float32 without its NaN/inf values, their min, their max); None when none is left.
+    One host read of the range: this runs only while calibrating."""
     xf = x.detach().float().reshape(-1)
     if xf.numel() == 0:
-        return hist, (top if top is not None else _EXP_MIN)
-    lo, hi = torch.aminmax(xf)
-    lo, hi = float(lo), float(hi)  # one host read per observation, only while calibrating
+        return None
+    lo, hi = (float(v) for v in torch.aminmax(xf))
     if not (math.isfinite(lo) and math.isfinite(hi)):
         xf = xf[torch.isfinite(xf)]
         if xf.numel() == 0:
-            return hist, (top if top is not None else _EXP_MIN)
+            return None
         lo, hi = float(xf.min()), float(xf.max())
+    return xf, lo, hi
+
+
+@torch.no_grad()
+def add_to_histogram(hist: torch.Tensor, top: Optional[int], x: torch.Tensor,
+                     values: Optional[tuple[torch.Tensor, float, float]] = None) -> tuple[torch.Tensor, int]:
+    """Count the finite values of ``x`` into ``hist`` (widening it first if needed); returns the
+    histogram and its range exponent. ``top=None`` means the histogram is empty. ``values``: what
+    :func:`finite_range` returned for ``x``, when the caller has it already."""
+    values = values if values is not None else finite_range(x)
+    if values is None:
+        return hist, (top if top is not None else _EXP_MIN)
+    xf, lo, hi = values
     need = needed_exponent(max(hi, -lo))
     if top is None:
         top = need
@@ -136,13 +147,18 @@ class ValueHistogram:
     def reset(self) -> None:
         self.hist, self.top = None, None
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor) -> Optional[tuple[float, float]]:
+        """Count x's finite values; returns their (min, max), or None when x has none."""
+        values = finite_range(x)
+        if values is None:
+            return None
         hist = self.hist
         if hist is None:
             hist = empty_histogram(x.device)
         elif hist.device != x.device:
             hist = hist.to(x.device)
-        self.hist, self.top = add_to_histogram(hist, self.top, x)
+        self.hist, self.top = add_to_histogram(hist, self.top, x, values)
+        return values[1], values[2]
 
     def mse_exponent(self, exponents: Sequence[int], bits: int, signed: bool) -> int:
         """The candidate with the smallest error; ties go to the smaller (finer) exponent."""

@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 
 from quant.fake_quant import Pow2FakeQuantize
-from quant.schedule import iter_quantizers, set_fake_quant
+from quant.fused import quantized_convs
+from quant.schedule import flags_restored, iter_quantizers, set_fake_quant
 
 
 @dataclass
@@ -70,12 +71,8 @@ def _exponent_text(q: Pow2FakeQuantize) -> str:
 
 def _weight_owners(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
     """id(weight quantizer) -> (quantizer name, the conv module that owns it)."""
-    owners = {}
-    for name, module in model.named_modules():
-        fq = getattr(module, "weight_fake_quant", None)
-        if isinstance(fq, Pow2FakeQuantize) and hasattr(module, "conv_only"):
-            owners[id(fq)] = (f"{name}.weight_fake_quant" if name else "weight_fake_quant", module)
-    return owners
+    return {id(module.weight_fake_quant): (f"{name}.weight_fake_quant" if name else "weight_fake_quant", module)
+            for name, module in quantized_convs(model)}
 
 
 def _conv_output(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -119,10 +116,8 @@ def _record(model: nn.Module, images: torch.Tensor, activations: dict, convs: di
 def layer_errors(model: nn.Module, images: torch.Tensor) -> list[LayerError]:
     """The report's rows, in the model's quantizer order (see the module docstring). ``images`` are
     float in [0, 1]; the model's state (flags, observers, BN) is left as it was."""
-    was_training = model.training
     quantizers = dict(iter_quantizers(model))
     owners = _weight_owners(model)
-    flags = {name: int(q.fake_quant_enabled) for name, q in quantizers.items()}
     convs, activations = {}, {}
     for name, q in quantizers.items():
         if id(q) in owners:
@@ -132,17 +127,10 @@ def layer_errors(model: nn.Module, images: torch.Tensor) -> list[LayerError]:
         else:
             activations[name] = q
     stats = {name: {"alone": _Energy(), "accum": _Energy(), "clip": []} for name in quantizers}
-    model.eval()
-    try:
+    with flags_restored(model):
+        quantized = _record(model, images, activations, convs, False)  # as the model is set up
         set_fake_quant(model, False)
         reference = _record(model, images, activations, convs, True, stats)
-        for name, q in quantizers.items():
-            q.enable_fake_quant(bool(flags[name]))
-        quantized = _record(model, images, activations, convs, False)
-    finally:
-        for name, q in quantizers.items():
-            q.enable_fake_quant(bool(flags[name]))
-        model.train(was_training)
     rows = []
     for name, q in quantizers.items():
         for ref, approx in zip(reference.get(name, []), quantized.get(name, [])):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -36,6 +37,22 @@ def set_observers(model: nn.Module, on: bool) -> None:
 def set_fake_quant(model: nn.Module, on: bool) -> None:
     for _, q in iter_quantizers(model):
         q.enable_fake_quant(on)
+
+
+@contextmanager
+def flags_restored(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode inside the block, where code may switch fake quantization on and off at will; on exit
+    every quantizer gets its fake-quant flag back and the model its train/eval mode (reports and
+    calibration passes use this so they leave the model as they found it)."""
+    flags = [(q, bool(int(q.fake_quant_enabled))) for _, q in iter_quantizers(model)]
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        for q, on in flags:
+            q.enable_fake_quant(on)
+        model.train(was_training)
 
 
 def set_bn_frozen(model: nn.Module, frozen: bool) -> None:

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from quant.config import LayerRule, QuantConfig
-from quant.schedule import iter_quantizers, set_fake_quant
+from quant.schedule import flags_restored, set_fake_quant
 
 WIDE_BITS = 16
 
@@ -69,23 +69,16 @@ def rank_layers(model: nn.Module, images: torch.Tensor,
                 outputs: Callable[[Any], Any] = lambda out: out) -> list[tuple[str, float]]:
     """[(layer, output SQNR in dB with only that layer quantized)], most sensitive (lowest) first.
     ``outputs`` picks what to compare from the model's output (e.g. YOLO's raw head maps)."""
-    flags = {id(q): int(q.fake_quant_enabled) for _, q in iter_quantizers(model)}
-    was_training = model.training
-    model.eval()
-    try:
+    scores = []
+    with flags_restored(model):
         set_fake_quant(model, False)
         reference = outputs(model(images))
-        scores = []
         for name, quantizers in weighted_layers(model):
             for q in quantizers:
                 q.enable_fake_quant(True)
             scores.append((name, output_sqnr(reference, outputs(model(images)))))
             for q in quantizers:
                 q.enable_fake_quant(False)
-    finally:
-        for _, q in iter_quantizers(model):
-            q.enable_fake_quant(bool(flags[id(q)]))
-        model.train(was_training)
     return sorted(scores, key=lambda item: item[1])
 
 

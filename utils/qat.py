@@ -43,9 +43,7 @@ def load_quant_config(config: Union[str, Path, dict, Any, None]):
         return config
     if isinstance(config, dict):
         return QuantConfig.from_dict(config, source="checkpoint")
-    path = Path(config) if config else DEFAULT_QAT_CONFIG
-    if not path.is_file() and (ROOT / path).is_file():
-        path = ROOT / path
+    path = _config_path(config)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: QAT config not found")
     if _is_default_config(path):
@@ -55,11 +53,14 @@ def load_quant_config(config: Union[str, Path, dict, Any, None]):
     return QuantConfig.from_yaml(path, base=base)
 
 
-def _is_default_config(path: Union[str, Path]) -> bool:
-    path = Path(path)
-    if not path.is_file() and (ROOT / path).is_file():
-        path = ROOT / path
-    return path.resolve() == DEFAULT_QAT_CONFIG.resolve()
+def _config_path(config: Union[str, Path, None]) -> Path:
+    """The config file a --qat-config value names (relative to the repo if not found as given)."""
+    path = Path(config) if config else DEFAULT_QAT_CONFIG
+    return ROOT / path if not path.is_file() and (ROOT / path).is_file() else path
+
+
+def _is_default_config(config: Union[str, Path, None]) -> bool:
+    return _config_path(config).resolve() == DEFAULT_QAT_CONFIG.resolve()
 
 
 def prepare_qat_model(model: nn.Module, imgsz: int, config=None, graph_dir: Optional[Path] = None) -> nn.Module:
