@@ -63,9 +63,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--qat", action="store_true", help="quantization-aware training (power-of-2 INT8) from --weights")
     p.add_argument("--qat-config", type=str, default=str(ROOT / "data/quant/default.yaml"),
                    help="QAT config yaml (per-layer overrides), see data/quant/")
-    p.add_argument("--qat-observer-epochs", type=float, default=0.0,
-                   help="QAT: epochs (fractions allowed) during which observers keep calibrating in training; "
-                        "0 (default): ranges stay as the PTQ calibration set them (needs --qat-calib-images > 0)")
+    p.add_argument("--qat-observer-epochs", type=float, default=1.0,
+                   help="QAT: epochs (fractions allowed) during which observers keep calibrating in training, "
+                        "after the PTQ calibration; 0: ranges stay as calibrated (needs --qat-calib-images > 0)")
     p.add_argument("--qat-freeze-bn-epoch", type=int, default=2,
                    help="QAT: epoch from which BN statistics are frozen (-1: never)")
     p.add_argument("--qat-calib-images", type=int, default=512,

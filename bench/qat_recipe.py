@@ -31,9 +31,9 @@ LOGGER = logging.getLogger(__name__)
 
 # name -> {"opt": train.py keyword changes, "hyp": hyp.qat.yaml changes}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "default": {},  # PTQ state first, ranges kept as calibrated, BN frozen from epoch 2, EMA on
-    "observe_epoch0": {"opt": {"qat_observer_epochs": 1}},  # observers keep running through epoch 0
-    "no_calib": {"opt": {"qat_calib_images": 0, "qat_observer_epochs": 1}},  # observers start in training
+    "default": {},  # PTQ state first, observers keep calibrating through epoch 0, BN frozen from epoch 2, EMA on
+    "frozen_ranges": {"opt": {"qat_observer_epochs": 0}},  # ranges stay as the PTQ calibration set them
+    "no_calib": {"opt": {"qat_calib_images": 0}},  # no PTQ start: observers start from scratch in training
     "no_ema": {"hyp": {"ema_decay": 0.0}},
     "bn_frozen_0": {"opt": {"qat_freeze_bn_epoch": 0}},
     "bn_never_frozen": {"opt": {"qat_freeze_bn_epoch": -1}},
@@ -121,7 +121,7 @@ def parse_opt(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--variants", default="default,observe_epoch0,no_calib,observe_epoch0+no_ema",
+    p.add_argument("--variants", default="default,frozen_ranges,no_calib,no_ema",
                    help="comma-separated names from VARIANTS; 'a+b' combines them")
     p.add_argument("--export", action="store_true", help="also export each QAT model to QDQ ONNX and score it")
     p.add_argument("--project", default=None, help="where the QAT runs go (default: a temporary folder)")
