@@ -71,6 +71,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--qat-calib-images", type=int, default=512,
                    help="QAT: calibrate (PTQ) on this many training images before the first step; 0: observers start in training")
     p.add_argument("--qat-graphs", action="store_true", help="QAT: write Graphviz graphs before/after prepare")
+    p.add_argument("--qat-distill", nargs="?", const=True, default="",
+                   help="QAT: distil from the float model (default: --weights; or give a float .pt), hyp 'distill' gain")
     p.add_argument("--memory-format", choices=MEMORY_FORMATS, default="auto",
                    help="model/batch layout: auto = channels_last on CUDA (about 2x faster convs), contiguous on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward (first steps compile)")
@@ -86,6 +88,19 @@ def _refuse_unsupported(opt: argparse.Namespace) -> None:
     if getattr(opt, "compile", False) and opt.qat:
         # measured: torch 2.13's compiler breaks the fake-quant backward (an in-place version error)
         raise ValueError("--compile is not supported with --qat yet; run QAT without --compile")
+
+
+def _teacher_path(opt: argparse.Namespace) -> str:
+    """--qat-distill: the teacher's file ('' for none); alone, the float --weights the QAT run starts from.
+    Stored as a path in opt.yaml, so --resume reloads the same teacher."""
+    if not opt.qat_distill:
+        return ""
+    if not opt.qat:
+        raise ValueError("--qat-distill distils a float teacher into a QAT run; add --qat")
+    path = opt.weights if opt.qat_distill is True else _find_weights(str(opt.qat_distill))
+    if not path:
+        raise ValueError("--qat-distill: no teacher; give --weights FLOAT.pt or --qat-distill FLOAT.pt")
+    return str(path)
 
 
 def _latest_run(project: str | Path) -> Path:
@@ -176,6 +191,7 @@ def make_opt(**kwargs) -> argparse.Namespace:
     if opt.resume:
         return _resumed_opt(opt)
     opt.weights = _find_weights(str(opt.weights or ""))
+    opt.qat_distill = _teacher_path(opt)
     opt.cfg, opt.data, opt.project = str(opt.cfg or ""), str(opt.data), str(opt.project)
     if opt.qat and Path(str(opt.hyp)) == ROOT / "data/hyps/hyp.scratch-low.yaml":
         opt.hyp = str(ROOT / "data/hyps/hyp.qat.yaml")  # --qat without --hyp: QAT's own defaults

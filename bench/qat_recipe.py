@@ -29,7 +29,8 @@ if str(ROOT) not in sys.path:
 
 LOGGER = logging.getLogger(__name__)
 
-# name -> {"opt": train.py keyword changes, "hyp": hyp.qat.yaml changes}
+# name -> {"opt": train.py keyword changes, "hyp": hyp.qat.yaml changes, "quant": a --qat-config overlay
+# on data/quant/default.yaml}
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},  # PTQ state first, observers keep calibrating through epoch 0, BN frozen from epoch 2, EMA on
     "frozen_ranges": {"opt": {"qat_observer_epochs": 0}},  # ranges stay as the PTQ calibration set them
@@ -37,15 +38,23 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no_ema": {"hyp": {"ema_decay": 0.0}},
     "bn_frozen_0": {"opt": {"qat_freeze_bn_epoch": 0}},
     "bn_never_frozen": {"opt": {"qat_freeze_bn_epoch": -1}},
+    # trained power-of-2 thresholds (TQT): activations only, or weights too; hyp lr_threshold is Adam's step
+    "tqt": {"quant": {"activation": {"trained_threshold": True}}},
+    "tqt_all": {"quant": {"activation": {"trained_threshold": True}, "weight": {"trained_threshold": True}}},
+    "lr_thr_0.05": {"hyp": {"lr_threshold": 0.05}},  # with tqt: 'tqt+lr_thr_0.05'
+    "lr_thr_0.1": {"hyp": {"lr_threshold": 0.1}},
+    "distill": {"opt": {"qat_distill": True}},  # the float --weights as teacher, hyp 'distill' gain
 }
 
 
 def _combined(name: str) -> dict[str, Any]:
     """'a+b': a's changes, then b's."""
-    spec: dict[str, Any] = {"opt": {}, "hyp": {}}
+    spec: dict[str, Any] = {"opt": {}, "hyp": {}, "quant": {}}
     for part in name.split("+"):
         for key in ("opt", "hyp"):
             spec[key].update(VARIANTS[part].get(key, {}))
+        for section, fields in VARIANTS[part].get("quant", {}).items():
+            spec["quant"].setdefault(section, {}).update(fields)
     return spec
 
 
@@ -70,6 +79,10 @@ def _qat(name: str, spec: dict, weights: str, data: str, imgsz: int, epochs: int
                   qat=True, hyp=str(hyp_path), project=str(project), name=name, exist_ok=True, noplots=True,
                   noval=True, device="cpu")
     kwargs.update(spec.get("opt", {}))
+    if spec.get("quant"):
+        overlay = project / f"{name}_quant.yaml"
+        overlay.write_text(yaml.safe_dump(spec["quant"], sort_keys=False))
+        kwargs["qat_config"] = str(overlay)
     start = time.perf_counter()
     results = train.run(**kwargs)
     seconds = time.perf_counter() - start

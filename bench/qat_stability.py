@@ -109,8 +109,10 @@ def _train(**kw: Any) -> Path:
 
 def run(epochs: int = 20, float_epochs: int = 30, imgsz: int = 128, weights: str = "", data: str = "",
         out: str = "runs/qat_stability", n_train: int = 256, n_val: int = 64, batch_size: int = 16,
-        cfg: str = "yolov5p.yaml", workers: int = 0, device: str = "cpu", collapse_frac: float = 0.5) -> dict:
-    """Float phase (unless ``weights``), then QAT for ``epochs``; writes csv, png and json under ``out``."""
+        cfg: str = "yolov5p.yaml", workers: int = 0, device: str = "cpu", collapse_frac: float = 0.5,
+        qat_config: str = "", qat_distill: bool = False) -> dict:
+    """Float phase (unless ``weights``), then QAT for ``epochs``; writes csv, png and json under ``out``.
+    ``qat_config``: a --qat-config file (e.g. trained thresholds); ``qat_distill``: distil from the float model."""
     out_dir = Path(out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     if not data:
@@ -127,7 +129,9 @@ def run(epochs: int = 20, float_epochs: int = 30, imgsz: int = 128, weights: str
             run_dir = _train(cfg=cfg, weights="", act="relu", epochs=float_epochs, name="float", **common)
             rows += read_results(run_dir / "results.csv", "float")
             weights = str(run_dir / "weights" / "best.pt")
-        qat_dir = _train(weights=weights, qat=True, epochs=epochs, name="qat", **common)
+        qat_opts = dict(qat_config=qat_config) if qat_config else {}
+        qat_dir = _train(weights=weights, qat=True, epochs=epochs, name="qat", qat_distill=qat_distill, **qat_opts,
+                         **common)
         rows += read_results(qat_dir / "results.csv", "qat", offset=len(rows))
     finally:
         logging.getLogger().removeHandler(counter)
@@ -158,6 +162,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cfg", default="yolov5p.yaml", help="model yaml of the float phase")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--qat-config", default="", help="QAT config yaml (default: data/quant/default.yaml)")
+    p.add_argument("--qat-distill", action="store_true", help="QAT: distil from the float model")
     p.add_argument("--collapse-frac", type=float, default=0.5, help="mAP@0.5 below this x best = collapse")
     return p.parse_args(argv)
 

@@ -55,6 +55,9 @@ class QuantSpec:
     the last reset), 'current' (the tensor of the latest forward only) or 'histogram' (per tensor: a
     histogram of every observed value, see quant.histogram; with ``rounding: mse`` k minimises the
     squared error over all of them, with 'ceil'/'round' k covers the ``percentile`` of magnitudes).
+    ``trained_threshold``: during QAT the exponent is ``round(t)`` of a learned log2 threshold ``t``
+    (TQT), initialised from calibration and trained by gradient after the observer freezes
+    (see quant.threshold); ignored for a fixed exponent.
     """
 
     bits: int = 8
@@ -66,6 +69,7 @@ class QuantSpec:
     averaging_constant: float = 0.01
     fixed_exponent: Optional[int] = None
     percentile: float = 100.0
+    trained_threshold: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
@@ -82,7 +86,7 @@ class QuantSpec:
         if fixed is not None and (isinstance(fixed, bool) or not isinstance(fixed, int) or not -32 <= fixed <= 32):
             # beyond +-32 the scale over- or underflows: NaN outputs or every value quantized to 0
             raise ValueError(f"QuantSpec.fixed_exponent must be an int in [-32, 32] or null, got {fixed!r}")
-        for name in ("per_channel",):
+        for name in ("per_channel", "trained_threshold"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"QuantSpec.{name} must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.ch_axis, bool) or not isinstance(self.ch_axis, int):

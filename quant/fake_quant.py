@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from quant.config import QuantSpec
+from quant.fq_ops import EXP_MAX, EXP_MIN, PerTensorFakeQuantCPU, threshold_fake_quant
 from quant.histogram import ValueHistogram
 
 LOGGER = logging.getLogger(__name__)
@@ -27,7 +28,6 @@ MSE_CANDIDATES = 5  # 'mse' tries k in [ceil(log2 m) - 4, ceil(log2 m)]
 # Bounds keep k finite for all-zero channels (log2 0 = -inf) and overflowing data; 2**-48 / 2**15
 # is still a normal float32, so every scale stays an exact power of two.
 _MIN_BOUND = 2.0 ** -32
-_EXP_MIN, _EXP_MAX = -48, 48
 
 
 def exponent_from_bound(bound: torch.Tensor, rounding: str) -> torch.Tensor:
@@ -37,7 +37,7 @@ def exponent_from_bound(bound: torch.Tensor, rounding: str) -> torch.Tensor:
     """
     log2 = torch.log2(bound.double().clamp_min(_MIN_BOUND))  # double: exact at powers of two
     k = torch.round(log2) if rounding == "round" else torch.ceil(log2)
-    return k.clamp(_EXP_MIN, _EXP_MAX).float()
+    return k.clamp(EXP_MIN, EXP_MAX).float()
 
 
 # (device type, dtype) pairs whose fake-quant kernel turned out to be missing in this torch build.
@@ -50,24 +50,6 @@ def _runs_natively(x: torch.Tensor) -> bool:
     8-bit grid value q * s (|q| <= 255) is representable in bf16 and fp16; it saves two casts (a
     full read and write of the activation each, forward and backward)."""
     return x.dtype in (torch.bfloat16, torch.float16) and (x.device.type, x.dtype) not in _NO_NATIVE_KERNEL
-
-
-class _PerTensorFakeQuantCPU(torch.autograd.Function):
-    """torch.fake_quantize_per_tensor_affine (zero point 0) from vectorised elementwise ops: the same
-    values, NaN mapping and straight-through mask, about twice as fast as the builtin CPU kernel,
-    which quantizes one element at a time. CUDA keeps the builtin fused kernel."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-        q = torch.round(x * scale.reciprocal())  # exact: the scale is a power of two
-        inside = (q >= qmin) & (q <= qmax)
-        ctx.save_for_backward(inside)
-        return q.nan_to_num_(nan=qmin).clamp_(qmin, qmax).mul_(scale)  # NaN -> qmin, as the builtin
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (inside,) = ctx.saved_tensors
-        return grad * inside, None, None, None
 
 
 class Pow2FakeQuantize(nn.Module):
@@ -118,6 +100,10 @@ class Pow2FakeQuantize(nn.Module):
         self.register_buffer("observer_enabled", torch.tensor(0 if fixed is not None else 1, dtype=torch.uint8))
         self.register_buffer("fake_quant_enabled", torch.tensor(1, dtype=torch.uint8))
         self.register_buffer("calibrated", torch.tensor(1 if fixed is not None else 0, dtype=torch.uint8))
+        # TQT: a learned log2 threshold per channel (or tensor); the exponent is its rounding. Kept equal
+        # to the exponent while observing; sync_exponent_from_threshold() after each optimizer step.
+        trained = spec.trained_threshold and fixed is None
+        self.log2_threshold = nn.Parameter(torch.zeros(channels)) if trained else None
 
     # ---- public API ------------------------------------------------------------------------------
     @property
@@ -130,6 +116,8 @@ class Pow2FakeQuantize(nn.Module):
             self._observe(x.detach())
         if not self.is_active():
             return x
+        if self.log2_threshold is not None and self.training and torch.is_grad_enabled():
+            return self._threshold_fake_quant(x)
         return self._fake_quant(x)
 
     def quantize_now(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,6 +165,13 @@ class Pow2FakeQuantize(nn.Module):
         this the average would mix the ranges of the narrow inputs with the wide one."""
         self._step_stats = None
         self._aggregate = True
+
+    @torch.no_grad()
+    def sync_exponent_from_threshold(self) -> None:
+        """exponent = round(log2 threshold): call after every update of the trained threshold (the
+        optimizer step), so eval, export and checkpoints see the exponent training used."""
+        if self.log2_threshold is not None:
+            self.exponent.copy_(torch.round(self.log2_threshold.detach().float()).clamp(EXP_MIN, EXP_MAX))
 
     def forget_cached_scale(self) -> None:
         """Recompute the scale at the next forward. Needed where something rewrites ``exponent``
@@ -252,6 +247,7 @@ class Pow2FakeQuantize(nn.Module):
         lo, hi = int(k.min()), int(k.max())
         scale = f"scale 2^{lo}" if lo == hi else f"scale 2^{lo} .. 2^{hi}"
         tail = " (fixed)" if self.fixed else f", {self.spec.rounding}"
+        tail += ", trained threshold" if self.log2_threshold is not None else ""
         return f"{name}{grain}, {scale}{tail}"
 
     # ---- internals -------------------------------------------------------------------------------
@@ -278,11 +274,20 @@ class Pow2FakeQuantize(nn.Module):
         out = self._fake_quant_op(xf, scale, zero)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
+    def _threshold_fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        shape: tuple = ()
+        if self.spec.per_channel:
+            dims = [1] * x.dim()
+            dims[self._axis(x)] = -1
+            shape = tuple(dims)
+        return threshold_fake_quant(x, self.log2_threshold, shape, self.bits, self.signed,
+                                    self.quant_min, self.quant_max)
+
     def _fake_quant_op(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         if self.spec.per_channel:
             return torch.fake_quantize_per_channel_affine(x, scale, zero, self._axis(x), self.quant_min, self.quant_max)
         if x.device.type == "cpu" and x.dtype == torch.float32:
-            return _PerTensorFakeQuantCPU.apply(x, scale, self.quant_min, self.quant_max)
+            return PerTensorFakeQuantCPU.apply(x, scale, self.quant_min, self.quant_max)
         return torch.fake_quantize_per_tensor_affine(x, scale, zero, self.quant_min, self.quant_max)
 
     def _axis(self, x: torch.Tensor) -> int:
@@ -394,6 +399,11 @@ class Pow2FakeQuantize(nn.Module):
         return exponent_from_bound(self._bound(), "ceil")
 
     def _update_exponent(self) -> None:
+        self._set_exponent()
+        if self.log2_threshold is not None:  # observing: the threshold follows the observed exponent
+            self.log2_threshold.data.copy_(self.exponent)
+
+    def _set_exponent(self) -> None:
         if self._histogram is not None:
             if not self._histogram.empty:
                 self.exponent.fill_(self._histogram_exponent())
@@ -403,7 +413,7 @@ class Pow2FakeQuantize(nn.Module):
             return
         best = torch.argmin(self.mse_err, dim=1).float()  # ties -> the smaller (finer) scale
         k = self._window_top() - (MSE_CANDIDATES - 1) + best
-        self.exponent.copy_(k.clamp(_EXP_MIN, _EXP_MAX))
+        self.exponent.copy_(k.clamp(EXP_MIN, EXP_MAX))
 
     def _candidate_errors(self, rows: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
         """(C, 5) mean squared fake-quant error of each row for k = top-4 .. top."""

@@ -286,11 +286,15 @@ def test_ptq_validation_runs_and_reports(float_best, data_yaml, work, caplog, qa
 
 
 # -------------------------------------------------------------------------------------------- DDP
-def test_ddp_qat_two_processes(float_best, data_yaml, tmp_path):
+@pytest.mark.parametrize("variant", ["default", "thresholds+distill"])
+def test_ddp_qat_two_processes(float_best, data_yaml, tmp_path, warm_qat_hyp, variant):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
            "--qat", "--weights", str(float_best), "--data", str(data_yaml), "--img", str(IMGSZ), "--epochs", "2",
            "--batch-size", "8", "--workers", "0", "--device", "cpu", "--project", str(tmp_path), "--noplots",
            "--noval", "--qat-observer-epochs", "1"]
+    if variant != "default":  # trained thresholds (all-reduced like weights) and a teacher on each rank
+        cmd += ["--qat-config", str(REPO / "data" / "quant" / "trained_thresholds.yaml"), "--qat-distill",
+                "--hyp", warm_qat_hyp]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -298,6 +302,10 @@ def test_ddp_qat_two_processes(float_best, data_yaml, tmp_path):
     assert sorted(p.name for p in (tmp_path / "exp" / "weights").iterdir()) == ["best.pt", "last.pt"]
     model, meta = load_model(tmp_path / "exp" / "weights" / "last.pt")
     assert meta["qat"] and _assert_pow2(model) > 100
+    thresholds = [q for _, q in iter_quantizers(model) if q.log2_threshold is not None]
+    assert len(thresholds) > 30 if variant != "default" else not thresholds
+    for q in thresholds:
+        assert torch.equal(q.exponent, q.log2_threshold.detach().round())
 
 
 def _sync_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -361,3 +369,54 @@ def test_warmup_iterations_rule():
     assert warmup_iterations(0, 8) == 0 and warmup_iterations(0.0, 1000) == 0
     assert warmup_iterations(3, 8) == 100  # upstream's floor when there is a warmup
     assert warmup_iterations(3, 1000) == 3000
+
+
+# ------------------------------------------------------------- trained thresholds and distillation
+@pytest.fixture(scope="module")
+def tqt_distill_runs(work, data_yaml, float_best, warm_qat_hyp) -> tuple[Path, Path]:
+    """Two QAT runs with trained activation thresholds and --qat-distill: uninterrupted, and cut after
+    epoch 0 then resumed (the teacher comes back from the path in the saved options)."""
+    import yaml
+
+    hyp = yaml.safe_load(Path(warm_qat_hyp).read_text())
+    hyp["lr_threshold"] = 0.2  # big steps: a few optimizer steps move thresholds across an integer
+    hyp_path = work / "hyp.tqt.yaml"
+    hyp_path.write_text(yaml.safe_dump(hyp, sort_keys=False))
+    overlay = work / "tqt.yaml"
+    overlay.write_text("activation:\n  trained_threshold: true\n")
+    kwargs = dict(QAT, weights=str(float_best), data=str(data_yaml), project=str(work), hyp=str(hyp_path),
+                  qat_config=str(overlay), qat_distill=True)
+    train.run(name="tqt_full", **kwargs)
+    train.run(name="tqt_cut", _stop_after_epoch=0, **kwargs)
+    train.run(resume=str(work / "tqt_cut" / "weights" / "last.pt"))
+    return work / "tqt_full", work / "tqt_cut"
+
+
+def test_trained_thresholds_move_and_exponents_follow(tqt_distill_runs):
+    import yaml
+
+    full = tqt_distill_runs[0]
+    first = _ckpt(full / "weights" / "epoch0.pt")["train_state_dict"]
+    last = _ckpt(full / "weights" / f"epoch{EPOCHS - 1}.pt")["train_state_dict"]
+    thresholds = [k for k in last if k.endswith(".log2_threshold")]
+    assert len(thresholds) > 30
+    moved = [k for k in thresholds if not torch.equal(first[k], last[k])]
+    assert len(moved) > len(thresholds) // 2  # trained after the observers froze (epoch 1 on)
+    for k in thresholds:
+        assert torch.equal(last[k.replace("log2_threshold", "exponent")], last[k].round()), k
+    assert any(not torch.equal(first[k.replace("log2_threshold", "exponent")], last[k.replace("log2_threshold", "exponent")])
+               for k in thresholds)  # some scale changed by a power of two
+    opt = yaml.safe_load((full / "opt.yaml").read_text())
+    assert opt["qat_distill"] and Path(opt["qat_distill"]).name == "best.pt"
+
+
+def test_resume_restores_thresholds_and_their_optimizer_bit_for_bit(tqt_distill_runs):
+    full, cut = tqt_distill_runs
+    a = _ckpt(full / "weights" / f"epoch{EPOCHS - 1}.pt")
+    b = _ckpt(cut / "weights" / f"epoch{EPOCHS - 1}.pt")
+    different = [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
+    assert not different, different[:5]
+    sa, sb = a["threshold_optimizer"]["state"], b["threshold_optimizer"]["state"]
+    assert sa.keys() == sb.keys() and len(sa) > 30
+    for i in sa:
+        assert all(torch.equal(sa[i][n], sb[i][n]) for n in ("exp_avg", "exp_avg_sq")), i

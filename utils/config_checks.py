@@ -32,6 +32,7 @@ HYP_FIELDS: dict[str, Field] = {
     "perspective": Field(lo=0, hi=0.01), "flipud": _UNIT, "fliplr": _UNIT, "mosaic": _UNIT, "mixup": _UNIT,
     "copy_paste": _UNIT, "anchors": Field("int", lo=0), "label_smoothing": Field(lo=0, hi=1, hi_open=True),
     "ema_decay": Field(lo=0, hi=1, hi_open=True),
+    "lr_threshold": Field(lo=0), "distill": Field(lo=0),
 }
 
 

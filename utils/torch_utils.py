@@ -258,7 +258,7 @@ def _copied_state_keys(model: nn.Module) -> frozenset:
 
 
 def smart_optimizer(model: nn.Module, name: str = "SGD", lr: float = 0.01, momentum: float = 0.9,
-                    decay: float = 1e-5) -> torch.optim.Optimizer:
+                    decay: float = 1e-5, skip: tuple[str, ...] = ()) -> torch.optim.Optimizer:
     """Optimizer with upstream's three parameter groups, in upstream's order.
 
     group 0: biases (no decay; the warm-up gives this group ``warmup_bias_lr``),
@@ -266,10 +266,13 @@ def smart_optimizer(model: nn.Module, name: str = "SGD", lr: float = 0.01, momen
     group 2: weights of normalization layers (no decay).
     Parameters with other names (e.g. learnable quantizer scales) join the no-decay group 2; upstream
     models have none, so their group sizes are unchanged. ``name``: SGD (Nesterov), Adam, AdamW, RMSProp.
+    Parameters named in ``skip`` are left out (another optimizer trains them).
     """
     biases, weights, no_decay = [], [], []
     for module in model.modules():
         for p_name, p in module.named_parameters(recurse=False):
+            if p_name in skip:
+                continue
             if p_name == "bias":
                 biases.append(p)
             elif p_name == "weight" and not isinstance(module, NORM_LAYERS):

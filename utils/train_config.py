@@ -87,6 +87,7 @@ class TrainConfig:
     qat_calib_images: int = 512
     qat_freeze_bn_epoch: int = 2
     qat_graphs: bool = False
+    qat_distill: str = ""  # the float teacher's .pt ('' = no distillation)
     memory_format: str = "auto"
     compile: bool = False
     deterministic: bool = False

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from models.yolo import DetectionModel
+from quant.threshold import THRESHOLD_PARAM
 from utils.checkpoint import (CheckpointError, CheckpointRecord, make_checkpoint, read_checkpoint, save_checkpoint,
                               transfer_state_dict)
 from utils.config_checks import check_hyp_values, read_yaml
@@ -23,7 +24,7 @@ from utils.torch_utils import de_parallel, linear_lr, one_cycle, smart_optimizer
 LOGGER = logging.getLogger(__name__)
 
 NOMINAL_BATCH = 64  # upstream accumulates gradients up to this batch size
-TRAIN_ONLY_KEYS = ("optimizer", "train_state_dict", "train_state", "ema_state_dict")
+TRAIN_ONLY_KEYS = ("optimizer", "train_state_dict", "train_state", "ema_state_dict", "threshold_optimizer")
 # every key of data/hyps/hyp.scratch-low.yaml; the loop, loss and augmentations read them all
 REQUIRED_HYP_KEYS = ("lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum",
                      "warmup_bias_lr", "box", "cls", "cls_pw", "obj", "obj_pw", "iou_t", "anchor_t",
@@ -115,7 +116,9 @@ def make_optimizer(model: nn.Module, name: str, hyp: dict, batch_size: int) -> t
     """Optimizer and accumulation steps; weight decay scales with the effective batch (edits ``hyp``)."""
     accumulate = max(round(NOMINAL_BATCH / batch_size), 1)
     hyp["weight_decay"] *= batch_size * accumulate / NOMINAL_BATCH
-    return smart_optimizer(model, name, hyp["lr0"], hyp["momentum"], hyp["weight_decay"]), accumulate
+    # trained quantizer thresholds have an optimizer of their own (quant.threshold)
+    return smart_optimizer(model, name, hyp["lr0"], hyp["momentum"], hyp["weight_decay"],
+                           skip=(THRESHOLD_PARAM,)), accumulate
 
 
 def warmup_iterations(warmup_epochs: float, batches_per_epoch: int) -> int:
@@ -160,7 +163,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def training_checkpoint(model: nn.Module, ema: Any, optimizer: torch.optim.Optimizer, epoch: int,
-                        best_fitness: float, opt: dict, train_state: dict) -> dict:
+                        best_fitness: float, opt: dict, train_state: dict,
+                        threshold_optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Our checkpoint: EMA weights (float32) as 'state_dict', plus what an exact resume needs."""
     from utils.qat import is_prepared, qat_checkpoint_entry
 
@@ -170,6 +174,8 @@ def training_checkpoint(model: nn.Module, ema: Any, optimizer: torch.optim.Optim
                            opt=opt, optimizer=optimizer.state_dict(), updates=ema.updates, quant=quant)
     ckpt["train_state_dict"] = {k: v.detach().cpu().clone() for k, v in de_parallel(model).state_dict().items()}
     ckpt["train_state"] = train_state
+    if threshold_optimizer is not None:
+        ckpt["threshold_optimizer"] = threshold_optimizer.state_dict()
     return ckpt
 
 

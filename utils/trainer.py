@@ -24,6 +24,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
+from quant.threshold import is_threshold_parameter
 from utils.autoanchor import check_anchors
 from utils.callbacks_log import ResultsLogger
 from utils.checkpoint import CheckpointRecord, save_checkpoint
@@ -45,6 +46,8 @@ from utils.train_setup import (build_model, freeze_layers, get_rng_state, lr_lam
 LOGGER = logging.getLogger(__name__)
 
 MAX_GRAD_NORM = 10.0
+DEFAULT_LR_THRESHOLD = 0.01  # hyp 'lr_threshold' when absent: Adam's step on log2 thresholds
+DEFAULT_DISTILL_GAIN = 1.0  # hyp 'distill' when absent
 NONFINITE_LIMIT = 10  # consecutive skipped steps before the run is declared diverged
 PROGRESS_INTERVAL_S = 0.5  # the loss shown in the progress bar is read from the device at most this often
 
@@ -98,6 +101,8 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         freeze_layers(model, list(opt.freeze))
         self.optimizer, self.accumulate = make_optimizer(model, opt.optimizer, self.hyp, opt.batch_size)
+        self.threshold_opt = self._threshold_optimizer(model) if self.qat else None
+        self.distill = self._distillation() if self.qat and opt.qat_distill else None
         self.lf = lr_lambda(opt.cos_lr, self.hyp["lrf"], opt.epochs)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
         # hyp 'ema_decay' (ours; upstream's 0.9999 when absent): 0 validates the raw weights, as the
@@ -108,6 +113,8 @@ class Trainer:
             self.best_fitness, self.start_epoch, self.train_state = resume_from(
                 record.raw, model, self.optimizer, self.ema, opt.weights, opt.epochs)
             self.accumulate = self.train_state.get("accumulate", self.accumulate)
+            if self.threshold_opt is not None and record.raw.get("threshold_optimizer"):
+                self.threshold_opt.load_state_dict(record.raw["threshold_optimizer"])
         del record
         if opt.sync_bn and self.rank != -1:
             if self.cuda:
@@ -117,6 +124,8 @@ class Trainer:
                 LOGGER.warning("WARNING: --sync-bn needs CUDA; training with per-process BatchNorm on CPU")
         self._make_loaders(model)
         self.model = self._wrap_ddp(model)
+        # the gradient-norm clip covers the network's parameters; trained thresholds are Adam's (own scale)
+        self.clip_params = [p for n, p in self.model.named_parameters() if not is_threshold_parameter(n)]
         self.train_forward = self._compiled(self.model) if opt.compile else self.model
         self._attach_attributes()
 
@@ -156,6 +165,27 @@ class Trainer:
                 LOGGER.info(colorstr("QAT: ") + f"prepared with {opt.qat_config}; plan in {self.save_dir / 'qat_plan.txt'}")
         self.amp_dtype = torch.bfloat16 if self.cuda and torch.cuda.is_bf16_supported() else torch.float16
         return prepared.train()
+
+    def _threshold_optimizer(self, model: nn.Module) -> torch.optim.Optimizer | None:
+        """Adam for the trained power-of-2 thresholds (hyp 'lr_threshold'), None when the config trains none."""
+        from quant.threshold import threshold_optimizer
+
+        lr = float(self.hyp.get("lr_threshold", DEFAULT_LR_THRESHOLD))
+        optimizer = threshold_optimizer(model, lr)
+        if optimizer is not None:
+            n = len(optimizer.param_groups[0]["params"])
+            LOGGER.info(colorstr("QAT: ") + f"{n} trained thresholds, Adam(lr={lr:g}) once observers freeze")
+        return optimizer
+
+    def _distillation(self):
+        """--qat-distill: the float teacher (the run's starting weights, kept in opt.yaml for --resume)."""
+        from utils.distill import HeadDistillation, load_teacher
+
+        opt = self.cfg
+        teacher = load_teacher(opt.qat_distill, opt.cfg, self.nc, self.hyp, opt.act, self.device)
+        gain = float(self.hyp.get("distill", DEFAULT_DISTILL_GAIN))
+        LOGGER.info(colorstr("QAT: ") + f"distillation from {opt.qat_distill} (gain {gain:g})")
+        return HeadDistillation(teacher, gain)
 
     def _make_loaders(self, model: nn.Module) -> None:
         opt = self.cfg
@@ -336,6 +366,10 @@ class Trainer:
             text += (f"; QAT observers {'calibrate for ' + str(obs) + ' batches' if obs else 'frozen from the start'}"
                      f", BN statistics " + (f"frozen from epoch {sched.freeze_bn_epoch}" if sched.freeze_bn_epoch >= 0
                                             else "never frozen"))
+            if self.threshold_opt is not None:
+                text += f", thresholds trained from batch {obs} (Adam lr {self.threshold_opt.defaults['lr']:g})"
+            if self.distill is not None:
+                text += f", distillation gain {self.distill.gain:g}"
         return text
 
     def _warmup(self, ni: int, epoch: int) -> None:
@@ -364,6 +398,8 @@ class Trainer:
         with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             pred = self.train_forward(imgs)
             loss, loss_items = self.compute_loss(pred, targets.to(self.device, non_blocking=True))
+            if self.distill is not None:
+                loss = loss + self.distill(imgs, pred)
             if self.rank != -1:
                 loss *= self.world_size  # DDP averages gradients over ranks
         finite = bool(torch.isfinite(loss).all())
@@ -378,17 +414,32 @@ class Trainer:
 
     def _optimizer_step(self, ni: int) -> None:
         self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=MAX_GRAD_NORM)
+        norm = torch.nn.utils.clip_grad_norm_(self.clip_params, max_norm=MAX_GRAD_NORM)
+        thresholds = self._thresholds_training()
+        if thresholds:
+            self.scaler.unscale_(self.threshold_opt)
+            norm = norm + torch.nn.utils.clip_grad_norm_(self.threshold_opt.param_groups[0]["params"], math.inf)
         if torch.isfinite(norm):
             self.scaler.step(self.optimizer)
+            if thresholds:
+                from quant.threshold import sync_exponents
+
+                self.scaler.step(self.threshold_opt)
+                sync_exponents(de_parallel(self.model))  # the exponents follow before EMA copies them
             self.guard.ok()
             if self.ema:
                 self.ema.update(self.model)
         self.scaler.update()
         self.optimizer.zero_grad()
+        if self.threshold_opt is not None:
+            self.threshold_opt.zero_grad()
         self.last_opt_step = ni
         if not torch.isfinite(norm):
             self.guard.skip("gradient norm", ni)
+
+    def _thresholds_training(self) -> bool:
+        """Thresholds train once observers are frozen (while observing, the observer sets them)."""
+        return self.threshold_opt is not None and not self.qat_schedule.observers
 
     # ---------------------------------------------------------------------------- end of epoch
     def _end_epoch(self, epoch: int) -> bool:
@@ -429,7 +480,7 @@ class Trainer:
         self.ema.update_attr(self.model, include=["yaml", "nc", "hyp", "names", "stride"])
         opt = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.cfg.to_dict().items()}
         return training_checkpoint(self.model, self.ema, self.optimizer, epoch, self.best_fitness, opt,
-                                   self._train_state())
+                                   self._train_state(), self.threshold_opt)
 
     def _save(self, epoch: int, fi: float) -> None:
         ckpt = self._checkpoint(epoch)

@@ -8,6 +8,7 @@ import torch
 import quant.fake_quant as fq_mod
 from quant.config import QuantSpec
 from quant.fake_quant import Pow2FakeQuantize
+from quant.fq_ops import PerTensorFakeQuantCPU
 
 
 def _quantizer(signed: bool, bits: int = 8) -> Pow2FakeQuantize:
@@ -77,7 +78,7 @@ def test_cpu_per_tensor_kernel_equals_the_builtin(qmin, qmax, k):
     scale = torch.tensor([2.0 ** k])
     a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     builtin = torch.fake_quantize_per_tensor_affine(a, scale, torch.zeros(1, dtype=torch.int32), qmin, qmax)
-    ours = fq_mod._PerTensorFakeQuantCPU.apply(b, scale, qmin, qmax)
+    ours = PerTensorFakeQuantCPU.apply(b, scale, qmin, qmax)
     assert torch.equal(builtin, ours)
     g = torch.randn(x.shape, generator=gen)
     builtin.backward(g)
