@@ -38,12 +38,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no_ema": {"hyp": {"ema_decay": 0.0}},
     "bn_frozen_0": {"opt": {"qat_freeze_bn_epoch": 0}},
     "bn_never_frozen": {"opt": {"qat_freeze_bn_epoch": -1}},
+    "observe_all_epochs": {"opt": {"qat_observer_epochs": 1000}},  # observers never freeze (histograms grow)
     # trained power-of-2 thresholds (TQT): activations only, or weights too; hyp lr_threshold is Adam's step
     "tqt": {"quant": {"activation": {"trained_threshold": True}}},
     "tqt_all": {"quant": {"activation": {"trained_threshold": True}, "weight": {"trained_threshold": True}}},
     "lr_thr_0.05": {"hyp": {"lr_threshold": 0.05}},  # with tqt: 'tqt+lr_thr_0.05'
     "lr_thr_0.1": {"hyp": {"lr_threshold": 0.1}},
     "distill": {"opt": {"qat_distill": True}},  # the float --weights as teacher, hyp 'distill' gain
+    "distill_0.1": {"opt": {"qat_distill": True}, "hyp": {"distill": 0.1}},
+    # control: the same run without quantization (float training with hyp.qat.yaml for as many epochs);
+    # QAT minus this row is what quantization costs when the float model is not converged
+    "float_same_schedule": {"opt": {"qat": False, "noautoanchor": True}},
 }
 
 
