@@ -36,7 +36,10 @@ def test_ptq_table_reports_drops_in_points(tmp_path):
 
 def test_qat_recipe_variants_combine():
     spec = _combined("frozen_ranges+no_ema")
-    assert spec == {"opt": {"qat_observer_epochs": 0}, "hyp": {"ema_decay": 0.0}}
+    assert spec == {"opt": {"qat_observer_epochs": 0}, "hyp": {"ema_decay": 0.0}, "quant": {}}
+    spec = _combined("tqt_all+lr_thr_0.05+distill")  # quant sections merge field by field
+    assert spec["quant"] == {"activation": {"trained_threshold": True}, "weight": {"trained_threshold": True}}
+    assert spec["hyp"] == {"lr_threshold": 0.05} and spec["opt"] == {"qat_distill": True}
     table = qat_table([{"variant": "float", "mAP50": 0.5, "mAP50-95": 0.3},
                        {"variant": "QAT default", "mAP50": 0.5, "mAP50-95": 0.31, "s_per_epoch": 12.0,
                         "onnx_mAP50-95": 0.31}], 5, "coco128")
