@@ -74,3 +74,25 @@ def test_float_layers_are_reported(prepared, images):
         IntegerModel.from_prepared(prepared, rounding="stochastic")
     model.run(images.float() / 255)
     assert model.float_ops == []
+
+
+def test_trained_thresholds_stay_bit_exact(images, tmp_path):
+    """A model whose activation thresholds were trained (and moved across rounding boundaries) still runs
+    bit-exactly in integers: the exponent the integer model reads is the rounded threshold."""
+    from quant.schedule import iter_quantizers, set_observers
+    from quant.threshold import sync_exponents, threshold_parameters
+
+    overlay = tmp_path / "tqt.yaml"
+    overlay.write_text("activation:\n  trained_threshold: true\n")
+    torch.manual_seed(0)
+    model = prepare_qat_model(DetectionModel("yolov5p.yaml", act="relu", nc=2), 64, str(overlay)).train()
+    model(torch.rand(2, 3, 64, 64))
+    set_observers(model, False)
+    with torch.no_grad():  # as if training had moved them: up to a step and a half either way
+        for i, t in enumerate(threshold_parameters(model)):
+            t.add_((-1.4, -0.6, 0.0, 0.7)[i % 4])
+    sync_exponents(model)
+    moved = [q for _, q in iter_quantizers(model) if q.log2_threshold is not None]
+    assert len(moved) > 30
+    report = compare_with_fake_quant(model.eval(), images)
+    assert report["float_ops"] == [] and report["exact_fraction"] == 1.0 and report["max_steps"] == 0.0
