@@ -206,7 +206,7 @@ def plot_layer_errors(rows: list[LayerError], path: str | Path) -> Path:
     ax.barh([y + 0.2 for y in ys], [min(r.sqnr_accumulated, cap) for r in rows], 0.4, label="accumulated")
     ax.set_yticks(list(ys))
     ax.set_yticklabels([r.name.replace("act_quant.", "") for r in rows], fontsize=6)
-    ax.invert_yaxis()
+    ax.set_ylim(len(rows) - 0.5, -0.5)  # first quantizer on top, no empty margin
     ax.set_xlabel("SQNR (dB, higher is better)")
     ax.legend(loc="lower right")
     clip_ax.barh(list(ys), [100 * r.clipped for r in rows], 0.6, color="tab:red")

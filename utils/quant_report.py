@@ -98,7 +98,9 @@ def report_quantization(model: nn.Module, dataloader, device: Any, save_dir: Pat
     if worst:
         charts["histograms"] = histograms_png(rows, float_activations(model, images, worst))
     dataset = dataloader.dataset
-    detections = float_vs_int8(model, dataset.im_files[:n_detect], device, dataset.img_size)
+    files = dataset.im_files  # rect loaders sort by aspect ratio: take them across the range
+    picked = sorted({i * len(files) // n_detect for i in range(n_detect)}) if files and n_detect > 0 else []
+    detections = float_vs_int8(model, [files[i] for i in picked], device, dataset.img_size)
     report = QuantReport(title=title, rows=rows, plan=getattr(model, "plan", None),
                          measured_on=f"{images.shape[0]} validation images of {images.shape[3]}x{images.shape[2]} px",
                          worst=worst, charts=charts, detections=detections, files=[CSV_NAME, PNG_NAME],
