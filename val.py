@@ -95,7 +95,8 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
 
     `weights` may be an official or own .pt (float or QAT) or an exported .onnx file. `ptq` prepares
     a float model with `qat_config` and calibrates it on `calib_images` training images (the PTQ
-    baseline); `qat_report` prints every quantizer's type, scale, range and clipping.
+    baseline); `qat_report` prints every quantizer's type, scale, range, clipping and SQNR and writes
+    them (with the plan, histograms and float-vs-INT8 boxes) as quant_report.html and CSV into the run folder.
     `memory_format` (a loaded PyTorch model): 'auto' runs channels_last on CUDA, as training does.
     `compute_loss` (a ComputeLoss of the model) adds the mean validation losses to the results.
     Training validates its own model in-process with :func:`utils.evaluate.validate`.
@@ -134,12 +135,15 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
     result = validate(model, dataloader, data, options, compute_loss=compute_loss, save_dir=save_dir, plots=plots,
                       on_image=writer if (save_txt or save_json) else None, per_class=verbose or nc < 50,
                       speed_line=True, device=device)
-    if qat_report:
-        _qat_report(model, dataloader, device, weights, save_dir)
+    report = _qat_report(model, dataloader, device, weights, save_dir, ptq) if qat_report else []
     if save_json and writer.records:
         result = _save_and_score_json(writer, weights, save_dir, anno_json, dataloader, result)
     saved = f"\n{len(list(writer.labels_dir.glob('*.txt')))} labels saved to {writer.labels_dir}" if save_txt else ""
     LOGGER.info(f"Results saved to {save_dir}{saved}")
+    if report:
+        from utils.quant_report import log_report_paths
+
+        log_report_paths(report)
     return result_tuple(result)
 
 
@@ -159,37 +163,26 @@ def _sensitivity_config(weights, device, imgsz, data, calib_images, qat_config, 
                               save_dir)
 
 
-def _report_layer_errors(model, images, save_dir: Path) -> None:
-    """Per-quantizer SQNR (alone and accumulated) printed, and saved as CSV and a PNG bar chart."""
-    from quant.layer_error import format_layer_errors, layer_errors, plot_layer_errors, write_layer_errors_csv
-
-    rows = layer_errors(model, images)
-    LOGGER.info("\n" + format_layer_errors(rows))
-    csv_path = write_layer_errors_csv(rows, Path(save_dir) / "quant_layers.csv")
-    png_path = plot_layer_errors(rows, Path(save_dir) / "quant_layers.png")
-    LOGGER.info(f"per-layer quantization error saved to {csv_path} and {png_path}")
-
-
 def _is_quantized(model) -> bool:
     from utils.qat import is_prepared
 
     return is_prepared(model)
 
 
-def _qat_report(model, dataloader, device, weights, save_dir: Path) -> None:
-    """--qat-report: every quantizer's scale, range and clipping, the per-layer SQNR (printed, CSV, PNG),
-    or one line saying why there is nothing to report."""
+def _qat_report(model, dataloader, device, weights, save_dir: Path, ptq: bool = False) -> list[Path]:
+    """--qat-report: every quantizer's exponent, scale, range, clipping and SQNR printed, and written as
+    CSV, PNG and the self-contained quant_report.html (returns their paths); or one line saying why
+    there is nothing to report."""
     if not _is_quantized(model):
         kind = ("an ONNX file (the report reads a PyTorch model's fake quantizers)"
                 if Path(str(weights)).suffix == ".onnx" else "a float model without quantizers")
         LOGGER.warning(f"WARNING: --qat-report: {weights} is {kind}; nothing to report. Give a QAT checkpoint "
                        "(train.py --qat), or add --ptq to quantize a float .pt first")
-        return
-    from quant.report import quantizer_table
+        return []
+    from utils.quant_report import report_quantization
 
-    images = next(iter(dataloader))[0][:8].to(device).float() / 255
-    LOGGER.info("\n" + quantizer_table(model, images))
-    _report_layer_errors(model, images, save_dir)
+    title = f"{Path(str(weights)).name}, {'PTQ' if ptq else 'QAT checkpoint'}"
+    return report_quantization(model, dataloader, device, save_dir, title=title)
 
 
 def _load_for_val(weights, device, imgsz, data, ptq, calib_images, qat_config, workers):
@@ -270,7 +263,9 @@ def parse_opt(argv=None):
     parser.add_argument("--name", default="exp", help="save to project/name")
     parser.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
     parser.add_argument("--half", action="store_true", help="use FP16 half-precision inference (CUDA only)")
-    parser.add_argument("--qat-report", action="store_true", help="QAT/PTQ models: print every quantizer's scale and range")
+    parser.add_argument("--qat-report", action="store_true",
+                        help="QAT/PTQ models: print every quantizer's scale, range and SQNR; write quant_report.html "
+                             "and quant_layers.csv")
     parser.add_argument("--ptq", action="store_true", help="post-training quantization baseline of a float model")
     parser.add_argument("--calib-images", type=int, default=512, help="--ptq: number of calibration images")
     parser.add_argument("--ptq-sensitivity", action="store_true",

@@ -85,19 +85,29 @@ def _spec_text(spec: Optional[QuantSpec], signed: Optional[bool]) -> str:
 class QuantPlan(list):
     """The list of :class:`PlanEntry` rows, in graph order, with a printable :meth:`table`."""
 
-    def table(self) -> str:
-        """One line per entry: layer, name, kind, fused chain, weight/output dtypes, quantizer, group."""
-        head = (f"{'layer':>5}  {'name':<24} {'kind':<9} {'fused':<13} {'weight':<16} {'output':<14} "
-                f"{'quantizer':<28} {'group':>5}  note")
-        rows = [head, "-" * len(head)]
+    HEADER = ("layer", "name", "kind", "fused", "weight", "output", "quantizer", "group", "note")
+
+    def cells(self) -> list[tuple[str, ...]]:
+        """Each entry as the texts of :attr:`HEADER`: layer, name, kind, fused chain, weight/output
+        dtypes, quantizer, group, and why it is float (or shared)."""
+        rows = []
         for e in self:
-            layer = "-" if e.layer is None else str(e.layer)
             weight = _spec_text(e.weight, e.weight.signed if e.weight else None) if e.weight else "-"
             out = _spec_text(e.activation, e.signed) if e.quantizer else "float"
-            group = "-" if e.group is None else str(e.group)
-            rows.append(f"{layer:>5}  {e.name:<24} {e.kind:<9} {e.chain or '-':<13} {weight:<16} {out:<14} "
-                        f"{e.quantizer or '-':<28} {group:>5}  {e.float_reason}".rstrip())
-        return "\n".join(rows)
+            rows.append(("-" if e.layer is None else str(e.layer), e.name, e.kind, e.chain or "-", weight, out,
+                         e.quantizer or "-", "-" if e.group is None else str(e.group), e.float_reason))
+        return rows
+
+    def table(self) -> str:
+        """One line per entry (the texts of :meth:`cells`)."""
+        widths = (5, -24, -9, -13, -16, -14, -28, 5, 0)
+
+        def line(texts) -> str:
+            parts = [t.rjust(w) if w > 0 else t.ljust(-w) for t, w in zip(texts, widths)]
+            return (" ".join(parts[:1]) + "  " + " ".join(parts[1:8]) + "  " + parts[8]).rstrip()
+
+        head = line(self.HEADER)
+        return "\n".join([head, "-" * len(head)] + [line(row) for row in self.cells()])
 
 
 class PreparedModel(fx.GraphModule):

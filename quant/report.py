@@ -2,6 +2,7 @@
 of the observed data it clips."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -12,21 +13,33 @@ from quant.schedule import iter_quantizers
 HEADER = f"{'quantizer':<44} {'dtype':>6} {'bits':>4} {'scale':>13} {'observed range':>22} {'clipped':>8}"
 
 
-def _dtype_name(q) -> str:
+def dtype_name(q) -> str:
+    """'int8', 'uint8', ... of a quantizer."""
     return f"{'int' if q.signed else 'uint'}{q.bits}"
 
 
-def _scale_text(q) -> str:
-    k = torch.log2(q.scale().detach().float().flatten()).round().to(torch.int64)
+def pow2_text(exponents: torch.Tensor) -> str:
+    """'2^-5' for one (rounded) exponent, '2^-9..2^-3' for per-channel ones."""
+    k = exponents.detach().flatten().round().to(torch.int64)
     lo, hi = int(k.min()), int(k.max())
     return f"2^{lo}" if lo == hi else f"2^{lo}..2^{hi}"
 
 
-def _range_text(q) -> str:
+def scale_text(q) -> str:
+    return pow2_text(torch.log2(q.scale().detach().float()))
+
+
+def observed_range(q) -> tuple[float, float]:
+    """(smallest min, largest max) the observer saw; (nan, nan) before any observation."""
     lo, hi = q.min_val.detach().float(), q.max_val.detach().float()
     if lo.numel() == 0 or not torch.isfinite(lo).all() or not torch.isfinite(hi).all():
-        return "-"
-    return f"[{float(lo.min()):.3g}, {float(hi.max()):.3g}]"
+        return math.nan, math.nan
+    return float(lo.min()), float(hi.max())
+
+
+def range_text(lo: float, hi: float) -> str:
+    """'[-1.5, 3.2]', or '-' for an unobserved range."""
+    return "-" if math.isnan(lo) or math.isnan(hi) else f"[{lo:.3g}, {hi:.3g}]"
 
 
 @torch.no_grad()
@@ -57,6 +70,6 @@ def quantizer_table(model: nn.Module, images: Optional[torch.Tensor] = None) -> 
     rows = [HEADER]
     for name, q in iter_quantizers(model):
         clip = f"{100 * clipped[name]:.2f}%" if name in clipped else "-"
-        rows.append(f"{name:<44} {_dtype_name(q):>6} {q.bits:>4} {_scale_text(q):>13} {_range_text(q):>22} "
-                    f"{clip:>8}")
+        seen = range_text(*observed_range(q))
+        rows.append(f"{name:<44} {dtype_name(q):>6} {q.bits:>4} {scale_text(q):>13} {seen:>22} {clip:>8}")
     return "\n".join(rows)

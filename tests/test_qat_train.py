@@ -144,6 +144,7 @@ def test_qat_run_writes_quantized_checkpoints(qat_full):
         assert ckpt["quant"]["version"] == 1 and ckpt["quant"]["imgsz"] == IMGSZ
         assert ckpt["quant"]["config"]["leaf_modules"] in (["Detect"], ("Detect",))
         assert any(k.startswith(ACT_QUANT + ".") for k in ckpt["state_dict"])
+    assert (run / "quant_report.html").is_file() and (run / "quant_layers.csv").is_file()  # written at the end
     plan = (run / "qat_plan.txt").read_text()
     assert "act_quant.model_2_concat" in plan and "conv+bn+relu" in plan
     for gv in ("before_prepare.gv", "after_prepare.gv"):

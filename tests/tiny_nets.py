@@ -21,3 +21,26 @@ class AddConcatNet(nn.Module):
         s = self.stem(x)
         b = self.b(s) if self.pool is None else self.pool(self.b(s))
         return self.head(torch.cat([self.a(s) + s, b], 1))
+
+
+def yolov5p_checkpoints(out, imgsz: int = 64, nc: int = 6, calib_images: int = 0) -> dict:
+    """{'float': path, 'qat': path}: a fresh ReLU yolov5p and its prepared (QAT) version, saved as
+    checkpoints in ``out``; the QAT one calibrated on ``calib_images`` random images when > 0."""
+    from pathlib import Path
+
+    from models.yolo import DetectionModel
+    from quant.calibrate import calibrate
+    from utils.checkpoint import make_checkpoint, save_checkpoint
+    from utils.qat import prepare_qat_model, qat_checkpoint_entry
+
+    torch.manual_seed(0)
+    out = Path(out)
+    model = DetectionModel("yolov5p.yaml", nc=nc, act="relu")
+    float_pt = save_checkpoint(make_checkpoint(model), out / "float.pt")
+    prepared = prepare_qat_model(model, imgsz)
+    if calib_images:
+        gen = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (calib_images, 3, imgsz, imgsz), dtype=torch.uint8, generator=gen)
+        calibrate(prepared, [images], calib_images)
+    qat_pt = save_checkpoint(make_checkpoint(prepared, quant=qat_checkpoint_entry(prepared)), out / "qat.pt")
+    return {"float": float_pt, "qat": qat_pt}

@@ -35,6 +35,7 @@ from utils.log import TQDM_BAR_FORMAT, colorstr
 from utils.loss import ComputeLoss
 from utils.plots import plot_images, plot_results
 from utils.qat import load_model
+from utils.quant_report import log_report_paths, try_report_quantization
 from utils.torch_utils import EarlyStopping, ModelEMA, de_parallel, torch_distributed_zero_first, use_channels_last
 from utils.train_config import DistContext, TrainConfig
 from utils.train_guard import NonFiniteLossError, StepGuard, StopOnSigint
@@ -505,10 +506,11 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- finish
     def _finish(self) -> None:
-        """Strip checkpoints, plot results, validate best.pt with plots."""
+        """Strip checkpoints, plot results, validate best.pt with plots; QAT: write its quantization report."""
         for f in (self.last, self.best):
             if f.exists():
                 strip_checkpoint(f)
+        report = []
         if self.best.exists():
             LOGGER.info(f"\nValidating {self.best}...")
             model, _ = load_model(self.best, device=self.device, fuse=True)
@@ -516,6 +518,10 @@ class Trainer:
             self.results, _, _ = result_tuple(validate(
                 model, self.val_loader, self.data, options, compute_loss=self.compute_loss, save_dir=self.save_dir,
                 plots=not self.cfg.noplots, per_class=True))
+            if self.qat:  # one validation batch: a few seconds; a failure only warns
+                report = try_report_quantization(model, self.val_loader, self.device, self.save_dir,
+                                                 title=f"{self.best}, QAT")
         if not self.cfg.noplots and (self.save_dir / "results.csv").exists():
             plot_results(self.save_dir / "results.csv")
         LOGGER.info(f"Results saved to {colorstr('bold', str(self.save_dir))}")
+        log_report_paths(report)

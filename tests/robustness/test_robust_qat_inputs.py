@@ -9,13 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import train
 import val
 from models.yolo import DetectionModel
-from utils.checkpoint import make_checkpoint, save_checkpoint
-from utils.qat import prepare_qat_model, qat_checkpoint_entry
+from tiny_nets import yolov5p_checkpoints
 from utils.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,13 +27,7 @@ def data_yaml(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory) -> dict[str, Path]:
     """A float and a QAT (prepared) yolov5p checkpoint with the synthetic data's 6 classes."""
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("ck")
-    model = DetectionModel("yolov5p.yaml", nc=6, act="relu")
-    float_pt = save_checkpoint(make_checkpoint(model), out / "float.pt")
-    prepared = prepare_qat_model(model, 64)
-    qat_pt = save_checkpoint(make_checkpoint(prepared, quant=qat_checkpoint_entry(prepared)), out / "qat.pt")
-    return {"float": float_pt, "qat": qat_pt}
+    return yolov5p_checkpoints(tmp_path_factory.mktemp("ck"))
 
 
 def _run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
