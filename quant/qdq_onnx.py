@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-__all__ = ["activation_tensor_names", "check_qdq_structure", "finalize_qdq_onnx", "output_steps"]
+__all__ = ["activation_tensor_names", "check_qdq_structure", "finalize_qdq_onnx", "output_steps", "read_steps"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -196,12 +196,17 @@ def check_qdq_structure(model: Any) -> dict[str, Any]:
     return {"quantize": n_q, "dequantize": n_dq, "zero_point_dtypes": dtypes, "aligned_concats": concats}
 
 
-def output_steps(model: Any) -> list[Optional[float]]:
-    """Quantization step of each graph output (the scale of the DequantizeLinear it reads through
-    reshapes), or None for an output computed in float after its last DequantizeLinear."""
+def read_steps(model: Any, tensors: list[str]) -> list[Optional[float]]:
+    """Quantization step of each tensor: the scale of the DequantizeLinear it is read through
+    (MaxPool/Resize/reshapes), or None for a tensor computed in float after its last DequantizeLinear."""
     g = _Graph(model)
     steps = []
-    for out in g.graph.output:
-        dq = _source_dq(g, out.name)
+    for name in tensors:
+        dq = _source_dq(g, name)
         steps.append(None if dq is None else float(g.value(dq.input[1]).reshape(-1)[0]))
     return steps
+
+
+def output_steps(model: Any) -> list[Optional[float]]:
+    """:func:`read_steps` of every graph output."""
+    return read_steps(model, [out.name for out in model.graph.output])
