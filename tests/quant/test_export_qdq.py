@@ -103,6 +103,20 @@ def test_concat_inputs_share_one_scale(exported):
     assert checked == 13  # 8 C3 blocks + SPPF + 4 head joins
 
 
+def test_onnxruntime_runs_every_conv_on_integer_kernels(exported):
+    """The default export (free height/width): onnxruntime's optimised graph has a QLinearConv for each of
+    the 60 convs and no float Conv. The head's sizes come from the input, so no Shape op reads a quantized
+    conv output (those Shape readers once kept the three head convs float, and made OpenVINO misapply
+    their biases)."""
+    from quant.qdq_onnx import read_steps
+    from utils.onnx_runtimes import ConvKernels, conv_kernels, ort_optimized_ops
+
+    _, result, model = exported
+    assert conv_kernels(ort_optimized_ops(result.file)) == ConvKernels(integer=60, float=0)
+    shape_inputs = [n.input[0] for n in model.graph.node if n.op_type == "Shape"]
+    assert "images" in shape_inputs and read_steps(model, shape_inputs) == [None] * len(shape_inputs)
+
+
 def test_ranges_json(exported):
     prepared, result, _ = exported
     ranges = json.loads(result.ranges_file.read_text())
