@@ -66,3 +66,11 @@ def test_run_without_openvino_prints_onnxruntime_only(capsys, monkeypatch, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.onnx" for n in REPROS)
     assert "openvino: not installed" in capsys.readouterr().out
 
+
+def test_guard_residual_adds_on_the_repro_changes_nothing_in_onnxruntime():
+    from quant.qdq_onnx import guard_residual_adds
+
+    model, inputs, reference, _ = residual_add()
+    assert guard_residual_adds(model) == 1
+    onnx.checker.check_model(model)
+    assert np.array_equal(_ort(model, inputs), reference(inputs))

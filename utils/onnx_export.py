@@ -54,6 +54,7 @@ class OnnxOptions:
     dynamic: bool = False
     fixed_shape: bool = False
     raw_head: bool = False
+    openvino_compat: bool = False  # QDQ only: quant.qdq_onnx.guard_residual_adds
     half: bool = False
     simplify: bool = False
     exporter: str = "torchscript"  # or 'dynamo'
@@ -253,6 +254,8 @@ def export_onnx_float(model: nn.Module, im: torch.Tensor, file: Path, options: O
     against PyTorch is :func:`utils.onnx_check.verify_onnx`.
     """
     options.validate()
+    if options.openvino_compat:
+        LOGGER.warning("ONNX: --openvino-compat changes QDQ (QAT) exports only; a float model needs nothing")
     import_optional("onnx", "ONNX export")  # the exporter needs it; say so before tracing
     wrapper = prepare_for_export(model, options.raw_head)
     _, outputs = io_names(_detect(model).nl, options.raw_head)
@@ -285,7 +288,7 @@ def export_onnx_qdq(prepared: nn.Module, im: torch.Tensor, file: Path, options: 
         result = export_qdq(prepared, im, file,
                             wrap=lambda m: prepare_for_export(route_image_to_head(m), options.raw_head),
                             torch_export=lambda m, x, f: _torch_export(m, x, f, options, outputs),
-                            converted=converted)
+                            converted=converted, guard_adds=options.openvino_compat)
     except ExportError:
         raise
     except ValueError as err:
