@@ -117,6 +117,21 @@ def test_onnxruntime_runs_every_conv_on_integer_kernels(exported):
     assert "images" in shape_inputs and read_steps(model, shape_inputs) == [None] * len(shape_inputs)
 
 
+def test_runtime_agreement_bench_on_the_export(exported, shared_dir, monkeypatch, capsys):
+    """bench/runtime_agreement.py without OpenVINO: onnxruntime with all optimisations equals its
+    unoptimised run (the specification's arithmetic) on every head value and box."""
+    import utils.onnx_runtimes
+    from bench.runtime_agreement import run
+
+    monkeypatch.setattr(utils.onnx_runtimes, "openvino_runner", lambda path: None)
+    _, result, _ = exported
+    out = run(str(result.file), imgsz=64, images=[str(shared_dir / "images" / "bus.jpg")])
+    assert (out["ort_qlinearconv"], out["ort_float_conv"]) == (60, 0) and out["head_steps"] == [1 / 16] * 3
+    assert all(lv["max_steps"] == 0 for lv in out["onnxruntime"]["levels"]) and "openvino" not in out
+    assert out["onnxruntime"]["matched"] == out["onnxruntime"]["boxes"] == out["onnxruntime"]["ref_boxes"]
+    assert "openvino: not installed" in capsys.readouterr().out
+
+
 def test_guard_residual_adds_is_exact_and_keeps_integer_kernels(exported, tmp_path):
     """--openvino-compat's pass: a 1x1 MaxPool on each residual Add's conv input; same outputs, every conv
     and Add still integer in onnxruntime; a second pass finds nothing left to guard."""
