@@ -22,14 +22,16 @@ def default_check_images() -> list[Path]:
 
 
 def run(data=None, weights=ROOT / "yolov5s.pt", imgsz=(640, 640), batch_size=1, device="cpu", include=("onnx",),
-        half=False, dynamic=False, simplify=False, opset=17, raw_head=False, check_images=None, fixed_shape=False):
+        half=False, dynamic=False, simplify=False, opset=17, raw_head=False, check_images=None, fixed_shape=False,
+        openvino_compat=False):
     """Export and check; returns the list of files written (one per --include format)."""
     from utils.export_job import export_weights
 
     images = default_check_images() if check_images is None else check_images
     result = export_weights(weights, imgsz=imgsz, batch_size=batch_size, device=device, half=half,
                             dynamic=dynamic, simplify=simplify, opset=opset, include=include,
-                            raw_head=raw_head, data=data, check_images=images, fixed_shape=fixed_shape)
+                            raw_head=raw_head, data=data, check_images=images, fixed_shape=fixed_shape,
+                            openvino_compat=openvino_compat)
     return [str(result.file)]
 
 
@@ -52,6 +54,9 @@ def parse_opt(argv=None):
     parser.add_argument("--include", nargs="+", default=["onnx"], help="formats to export (supported: onnx)")
     parser.add_argument("--raw-head", action="store_true",
                         help="export the raw head maps (one output per level) instead of decoded boxes")
+    parser.add_argument("--openvino-compat", action="store_true",
+                        help="QDQ: a 1x1 MaxPool before each residual Add's conv input, so OpenVINO 2026.4 does not "
+                             "fuse the Add into the conv and skip that input's rounding (README, Runtimes)")
     parser.add_argument("--check-images", nargs="*", default=None,
                         help="images for the onnxruntime-vs-PyTorch check (default: shared bus.jpg and "
                              "zidane.jpg if present; none given: random inputs)")

@@ -67,12 +67,18 @@ class Detect(nn.Module):
             self.grid = [torch.empty(0) for _ in range(self.nl)]
         self.__dict__.setdefault("export_raw", False)
 
-    def forward(self, x: list[torch.Tensor]) -> Any:
+    def forward(self, x: list[torch.Tensor], image: torch.Tensor | None = None) -> Any:
+        """``image`` (the network input), when given, supplies the batch size and grid sizes, so an
+        ONNX export with free height/width reads them from the input's shape and never from a head
+        conv's (quantized) output; see :func:`utils.onnx_export.route_image_to_head`."""
         x = list(x)
         z = []
         for i in range(self.nl):
             x[i] = self.m[i](x[i])
             bs, _, ny, nx = x[i].shape
+            if image is not None:  # inputs are multiples of the largest stride, so the division is exact
+                s = int(self.stride[i])
+                bs, ny, nx = image.shape[0], image.shape[2] // s, image.shape[3] // s
             x[i] = x[i].view(bs, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous()
             if self.training or self.export_raw:
                 continue

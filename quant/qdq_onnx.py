@@ -14,7 +14,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-__all__ = ["activation_tensor_names", "check_qdq_structure", "finalize_qdq_onnx", "output_steps"]
+__all__ = ["activation_tensor_names", "check_qdq_structure", "finalize_qdq_onnx", "guard_residual_adds",
+           "output_steps", "read_steps"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -120,6 +121,50 @@ def finalize_qdq_onnx(model: Any) -> Any:
     return model
 
 
+_CONV_ACTS = ("Relu", "Clip")
+
+
+def _conv_branch(g: _Graph, tensor: str) -> bool:
+    """True when ``tensor`` is DequantizeLinear(QuantizeLinear(conv output, optionally through Relu/Clip))
+    and its only reader is the node asking."""
+    dq = g.producer.get(tensor)
+    if dq is None or dq.op_type != "DequantizeLinear" or len(g.users(tensor)) != 1:
+        return False
+    q = g.producer.get(dq.input[0])
+    src = g.producer.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+    if src is not None and src.op_type in _CONV_ACTS:
+        src = g.producer.get(src.input[0])
+    return src is not None and src.op_type == "Conv"
+
+
+def guard_residual_adds(model: Any) -> int:
+    """Put a 1x1 MaxPool (an exact no-op) between each Add and an input that is a conv's quantized
+    output read by that Add alone; returns how many. ``model`` is changed in place.
+
+    OpenVINO 2026.4's CPU plugin fuses ``Conv -> QuantizeLinear -> DequantizeLinear -> Add ->
+    QuantizeLinear`` into one conv and rounds only after the Add, skipping the conv branch's rounding
+    (half to even), which the specification and onnxruntime apply: off by one step wherever that
+    rounding meets a tie, and power-of-2 scales make ties common. A pooling node cannot join the conv's
+    fused post-ops, so the Add then runs on the rounded values. onnxruntime keeps the conv and the Add
+    integer (QLinearConv, QLinearAdd).
+    """
+    import onnx
+
+    g = _Graph(model)
+    done = 0
+    for add in [n for n in g.graph.node if n.op_type == "Add"]:
+        for k, tensor in enumerate(list(add.input)):
+            if not _conv_branch(g, tensor):
+                continue
+            pool = onnx.helper.make_node("MaxPool", [tensor], [f"{tensor}_guarded"], name=f"{add.name}_guard{k}",
+                                         kernel_shape=[1, 1])
+            g.graph.node.insert(list(g.graph.node).index(add), pool)
+            add.input[k] = pool.output[0]
+            done += 1
+    LOGGER.info("QDQ ONNX: %d residual Add inputs guarded by a 1x1 MaxPool", done)
+    return done
+
+
 def activation_tensor_names(model: Any, calls: list[str], scales: dict[str, float]) -> dict[str, list[dict[str, str]]]:
     """{quantizer module: [{'float': input tensor, 'quantized': QuantizeLinear output}, ...]}.
 
@@ -196,12 +241,17 @@ def check_qdq_structure(model: Any) -> dict[str, Any]:
     return {"quantize": n_q, "dequantize": n_dq, "zero_point_dtypes": dtypes, "aligned_concats": concats}
 
 
-def output_steps(model: Any) -> list[Optional[float]]:
-    """Quantization step of each graph output (the scale of the DequantizeLinear it reads through
-    reshapes), or None for an output computed in float after its last DequantizeLinear."""
+def read_steps(model: Any, tensors: list[str]) -> list[Optional[float]]:
+    """Quantization step of each tensor: the scale of the DequantizeLinear it is read through
+    (MaxPool/Resize/reshapes), or None for a tensor computed in float after its last DequantizeLinear."""
     g = _Graph(model)
     steps = []
-    for out in g.graph.output:
-        dq = _source_dq(g, out.name)
+    for name in tensors:
+        dq = _source_dq(g, name)
         steps.append(None if dq is None else float(g.value(dq.input[1]).reshape(-1)[0]))
     return steps
+
+
+def output_steps(model: Any) -> list[Optional[float]]:
+    """:func:`read_steps` of every graph output."""
+    return read_steps(model, [out.name for out in model.graph.output])

@@ -30,7 +30,8 @@ from models.yolo import Detect
 from utils.onnx_backend import PRODUCER, import_optional
 
 __all__ = ["ExportError", "OnnxOptions", "SUPPORTED_FORMATS", "build_metadata", "check_include",
-           "export_onnx_float", "export_onnx_qdq", "io_names", "prepare_for_export", "simplify_onnx", "write_metadata"]
+           "export_onnx_float", "export_onnx_qdq", "io_names", "prepare_for_export", "route_image_to_head",
+           "simplify_onnx", "write_metadata"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class OnnxOptions:
     dynamic: bool = False
     fixed_shape: bool = False
     raw_head: bool = False
+    openvino_compat: bool = False  # QDQ only: quant.qdq_onnx.guard_residual_adds
     half: bool = False
     simplify: bool = False
     exporter: str = "torchscript"  # or 'dynamo'
@@ -107,6 +109,31 @@ def _detect(model: nn.Module) -> Detect:
     if not isinstance(head, Detect):
         raise ExportError(f"{type(model).__name__}: last layer is not a Detect head, cannot export")
     return head
+
+
+def route_image_to_head(model: nn.Module) -> nn.Module:
+    """Pass the network input to the Detect call of a traced (torch.fx) model; returns ``model``.
+
+    The head then takes its batch and grid sizes from the input's shape (``Detect.forward(x, image)``).
+    With free height/width, reading them from a head conv's output instead puts Shape ops on that
+    conv's quantized output: onnxruntime then leaves the conv float (its int8 output pair has other
+    readers, so it cannot become QLinearConv's uint8 output), and OpenVINO 2026.4 applies channel 0's
+    bias to every channel of that conv (README, "Runtimes"). Numerically nothing changes.
+    Eager models (no fx graph) are returned as they are.
+    """
+    graph = getattr(model, "graph", None)
+    if graph is None:
+        return model
+    image = next((n for n in graph.nodes if n.op == "placeholder"), None)
+    changed = False
+    for node in graph.nodes:
+        if node.op == "call_module" and isinstance(model.get_submodule(str(node.target)), Detect) \
+                and image is not None and "image" not in node.kwargs:
+            node.kwargs = {**node.kwargs, "image": image}
+            changed = True
+    if changed:
+        model.recompile()
+    return model
 
 
 def prepare_for_export(model: nn.Module, raw_head: bool = False) -> nn.Module:
@@ -227,6 +254,8 @@ def export_onnx_float(model: nn.Module, im: torch.Tensor, file: Path, options: O
     against PyTorch is :func:`utils.onnx_check.verify_onnx`.
     """
     options.validate()
+    if options.openvino_compat:
+        LOGGER.warning("ONNX: --openvino-compat changes QDQ (QAT) exports only; a float model needs nothing")
     import_optional("onnx", "ONNX export")  # the exporter needs it; say so before tracing
     wrapper = prepare_for_export(model, options.raw_head)
     _, outputs = io_names(_detect(model).nl, options.raw_head)
@@ -256,9 +285,10 @@ def export_onnx_qdq(prepared: nn.Module, im: torch.Tensor, file: Path, options: 
     _, outputs = io_names(_detect(prepared).nl, options.raw_head)
     file = Path(file)
     try:
-        result = export_qdq(prepared, im, file, wrap=lambda m: prepare_for_export(m, options.raw_head),
+        result = export_qdq(prepared, im, file,
+                            wrap=lambda m: prepare_for_export(route_image_to_head(m), options.raw_head),
                             torch_export=lambda m, x, f: _torch_export(m, x, f, options, outputs),
-                            converted=converted)
+                            converted=converted, guard_adds=options.openvino_compat)
     except ExportError:
         raise
     except ValueError as err:

@@ -103,6 +103,60 @@ def test_concat_inputs_share_one_scale(exported):
     assert checked == 13  # 8 C3 blocks + SPPF + 4 head joins
 
 
+def test_onnxruntime_runs_every_conv_on_integer_kernels(exported):
+    """The default export (free height/width): onnxruntime's optimised graph has a QLinearConv for each of
+    the 60 convs and no float Conv. The head's sizes come from the input, so no Shape op reads a quantized
+    conv output (those Shape readers once kept the three head convs float, and made OpenVINO misapply
+    their biases)."""
+    from quant.qdq_onnx import read_steps
+    from utils.onnx_runtimes import ConvKernels, conv_kernels, ort_optimized_ops
+
+    _, result, model = exported
+    assert conv_kernels(ort_optimized_ops(result.file)) == ConvKernels(integer=60, float=0)
+    shape_inputs = [n.input[0] for n in model.graph.node if n.op_type == "Shape"]
+    assert "images" in shape_inputs and read_steps(model, shape_inputs) == [None] * len(shape_inputs)
+
+
+def test_runtime_agreement_bench_on_the_export(exported, shared_dir, monkeypatch, capsys):
+    """bench/runtime_agreement.py without OpenVINO: onnxruntime with all optimisations equals its
+    unoptimised run (the specification's arithmetic) on every head value and box."""
+    import utils.onnx_runtimes
+    from bench.runtime_agreement import run
+
+    monkeypatch.setattr(utils.onnx_runtimes, "openvino_runner", lambda path: None)
+    _, result, _ = exported
+    out = run(str(result.file), imgsz=64, images=[str(shared_dir / "images" / "bus.jpg")])
+    assert (out["ort_qlinearconv"], out["ort_float_conv"]) == (60, 0) and out["head_steps"] == [1 / 16] * 3
+    assert all(lv["max_steps"] == 0 for lv in out["onnxruntime"]["levels"]) and "openvino" not in out
+    assert out["onnxruntime"]["matched"] == out["onnxruntime"]["boxes"] == out["onnxruntime"]["ref_boxes"]
+    assert "openvino: not installed" in capsys.readouterr().out
+
+
+def test_guard_residual_adds_is_exact_and_keeps_integer_kernels(exported, tmp_path):
+    """--openvino-compat's pass: a 1x1 MaxPool on each residual Add's conv input; same outputs, every conv
+    and Add still integer in onnxruntime; a second pass finds nothing left to guard."""
+    import onnxruntime as ort
+
+    from quant.qdq_onnx import guard_residual_adds
+    from utils.onnx_runtimes import ConvKernels, conv_kernels, ort_optimized_ops
+
+    _, result, model = exported
+    guarded = onnx.ModelProto()
+    guarded.CopyFrom(model)
+    residual = [n for n in model.graph.node if n.op_type == "Add" and "QuantizeLinear" in
+                {p.op_type for p in model.graph.node if p.input and p.input[0] == n.output[0]}]
+    assert residual and guard_residual_adds(guarded) == len(residual) and guard_residual_adds(guarded) == 0
+    onnx.checker.check_model(guarded)
+    path = tmp_path / "guarded.onnx"
+    onnx.save(guarded, str(path))
+    ops = ort_optimized_ops(path)
+    assert conv_kernels(ops) == ConvKernels(integer=60, float=0) and ops["QLinearAdd"] == len(residual)
+    x = {"images": np.random.default_rng(0).random((1, 3, 64, 96), dtype=np.float32)}
+    outputs = [ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]).run(None, x)[0]
+               for f in (result.file, path)]
+    assert np.array_equal(*outputs)
+
+
 def test_ranges_json(exported):
     prepared, result, _ = exported
     ranges = json.loads(result.ranges_file.read_text())
@@ -121,10 +175,12 @@ def test_ranges_json(exported):
     assert head["dtype"] == "int8" and head["onnx_tensors"]
 
 
-def test_raw_head_dynamic_export(tmp_path):
+def test_raw_head_dynamic_openvino_compat_export(tmp_path):
     _qat_checkpoint(tmp_path / "qat.pt")
-    result = export_weights(tmp_path / "qat.pt", imgsz=64, raw_head=True, dynamic=True, check_images=[])
+    result = export_weights(tmp_path / "qat.pt", imgsz=64, raw_head=True, dynamic=True, check_images=[],
+                            openvino_compat=True)
     assert len(result.checks) == 2 and all(c.passed for c in result.checks)
+    assert any(n.op_type == "MaxPool" and "_guard" in n.name for n in onnx.load(str(result.file)).graph.node)
     assert [o.name for o in onnx.load(str(result.file)).graph.output] == ["output0", "output1", "output2"]
 
 
