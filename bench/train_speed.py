@@ -158,10 +158,11 @@ def build_float_model(cfg: str | Path, nc: int, act: Optional[str], device: torc
 
 
 class TrainStep:
-    """One optimisation step as utils.trainer takes it with accumulate == 1 (no warm-up LR ramp)."""
+    """One optimisation step as utils.trainer takes it with accumulate == 1 (no warm-up LR ramp).
+    ``forward``: what runs the model's forward, as the trainer's ``train_forward`` (default: ``model``)."""
 
     def __init__(self, model: nn.Module, hyp: dict, imgsz: int, batch_size: int, device: torch.device,
-                 amp_dtype: torch.dtype, ema: bool = False):
+                 amp_dtype: torch.dtype, ema: bool = False, forward: Optional[Callable] = None):
         from utils.loss import ComputeLoss, find_detect
         from utils.torch_utils import ModelEMA
         from utils.train_setup import make_optimizer, scale_loss_gains
@@ -169,6 +170,7 @@ class TrainStep:
         head = find_detect(model)
         gains = scale_loss_gains(hyp, int(head.nl), int(head.nc), imgsz, 0.0)
         self.model, self.device = model, device
+        self.forward = forward if forward is not None else model
         self.loss = ComputeLoss(model, hyp=gains)
         self.optimizer, _ = make_optimizer(model, "SGD", dict(hyp), batch_size)
         self.amp = device.type == "cuda"
@@ -178,7 +180,7 @@ class TrainStep:
 
     def __call__(self, imgs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-            loss, items = self.loss(self.model(imgs), targets)
+            loss, items = self.loss(self.forward(imgs), targets)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=MAX_GRAD_NORM)
@@ -223,10 +225,12 @@ def bench_float(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], hyp:
 def bench_qat(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], hyp: dict, steps: int,
               warmup: int, device: torch.device, config: Any = None, ema: bool = False,
               channels_last: bool = False) -> tuple[Timing, Timing]:
-    """Prepare ``model`` for QAT, then time steps with observers on (first half) and frozen (rest).
+    """Prepare ``model`` for QAT, then time steps with observers on (first half) and frozen (rest), BN
+    statistics from the batch in both (bench.qat_speed times the BN-frozen phase too).
 
     Warm-up steps run with observers on, so the frozen phase starts from calibrated ranges.
     """
+    from quant.frozen_view import frozen_view
     from quant.schedule import set_observers
     from utils.qat import prepare_qat_model
 
@@ -241,6 +245,7 @@ def bench_qat(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], hyp: d
     observing = time_steps(step, imgs, targets, max(steps // 2, 1), device,
                            Timing(f"QAT step, observers on ({name})", imgs.shape[0]))
     set_observers(prepared, False)
+    step.forward = frozen_view(prepared)  # what the trainer runs once observers are frozen
     frozen = time_steps(step, imgs, targets, max(steps - steps // 2, 1), device,
                         Timing(f"QAT step, observers frozen ({name})", imgs.shape[0]))
     return observing, frozen

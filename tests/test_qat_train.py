@@ -200,6 +200,24 @@ def test_resumed_qat_run_matches_uninterrupted(qat_full, qat_resumed):
     assert not different, different[:5]
 
 
+def test_frozen_view_trains_exactly_as_the_full_graph(qat_full, work, data_yaml, float_best, warm_qat_hyp,
+                                                     monkeypatch):
+    """With observers frozen the trainer runs quant.frozen_view's graph; the same run on the full
+    prepared graph ends with the very same weights, statistics and quantizer state."""
+    import quant.frozen_view
+
+    asked = []
+    monkeypatch.setattr(quant.frozen_view, "frozen_view", lambda model: asked.append(model) or model)
+    train.run(weights=str(float_best), data=str(data_yaml), project=str(work), name="full_graph",
+              hyp=warm_qat_hyp, **QAT)
+    assert len(asked) == 1  # asked once, when the observers froze after epoch 0
+    full = _ckpt(qat_full[1] / "weights" / "last.pt")["state_dict"]
+    plain = _ckpt(work / "full_graph" / "weights" / "last.pt")["state_dict"]
+    assert full.keys() == plain.keys()
+    different = [k for k in full if not torch.equal(full[k], plain[k])]
+    assert not different, different[:5]
+
+
 # ---------------------------------------------------------------------------------------- schedule
 def test_observers_calibrate_during_epoch_0_only(qat_full, fresh_prepared):
     run = qat_full[1]

@@ -237,7 +237,7 @@ class Trainer:
         self.last_opt_step = self.train_state.get("last_opt_step", -1)
         self.guard = StepGuard(NONFINITE_LIMIT, skipped=self.train_state.get("nonfinite_skipped", 0))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
-        self.qat_schedule = None
+        self.qat_schedule, self.frozen_view = None, None
         if self.qat:
             from quant.schedule import QATSchedule, ScheduleState
 
@@ -347,6 +347,20 @@ class Trainer:
             for _, q in iter_quantizers(model):
                 q.sync_across_ranks()
         self.qat_schedule.step(model, epoch, i)
+        self.train_forward = self._qat_forward(model)
+
+    def _qat_forward(self, model: nn.Module) -> nn.Module:
+        """The QAT training forward: with observers frozen, the prepared graph without the concat
+        re-quantizations that are identities then (quant.frozen_view: the same values and gradients,
+        about a fifth fewer activation values fake-quantized). DDP's wrapper has to run every forward,
+        so under DDP the full graph stays."""
+        if self.rank != -1 or self.qat_schedule.observers:
+            return self.model
+        if self.frozen_view is None:
+            from quant.frozen_view import frozen_view
+
+            self.frozen_view = frozen_view(model)
+        return self.frozen_view
 
     def _seed_loader(self, epoch: int) -> None:
         """DDP shuffles by epoch; otherwise one generator runs through all epochs (upstream's order)."""

@@ -92,6 +92,36 @@ def test_freeze_bn_uses_running_stats_in_train_mode():
     assert not torch.allclose(fused(x), expected, atol=1e-4)
 
 
+def test_frozen_bn_is_the_simulated_folding_with_running_stats_forward_and_backward():
+    """Frozen BN runs one conv with the folded quantized weight and the folded bias; values and
+    gradients (conv weight and bias, gamma, beta) equal the simulated form conv(x, wq(W * sf)) / sf,
+    then BN with its running statistics, to float rounding."""
+    conv, bn = _conv_bn(8, bias=True)
+    fq = Pow2FakeQuantize(QuantSpec(per_channel=True, signed=True, observer="minmax"), True, num_channels=8)
+    fused = QATConvBnAct(conv, bn, "relu", fq).train()
+    x = torch.randn(4, 3, 8, 8)
+    fused(x)  # observe the weight range once, then keep it
+    fq.enable_observer(False)
+    fused.freeze_bn()
+    stats = fused.bn.running_mean.clone(), fused.bn.running_var.clone()
+    ref_conv, ref_bn = copy.deepcopy(fused.conv), copy.deepcopy(fused.bn)
+    sf = ref_bn.weight / torch.sqrt(ref_bn.running_var + ref_bn.eps)
+    y = F.conv2d(x, fq(ref_conv.weight * sf.reshape(-1, 1, 1, 1)), None, padding=1) / sf.reshape(1, -1, 1, 1)
+    y = y + ref_conv.bias.reshape(1, -1, 1, 1)
+    expected = F.relu(F.batch_norm(y, ref_bn.running_mean, ref_bn.running_var, ref_bn.weight, ref_bn.bias,
+                                   training=False, eps=ref_bn.eps))
+    got = fused(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn_like(got)
+    (got * upstream).sum().backward()
+    (expected * upstream).sum().backward()
+    for mine, ref in ((fused.conv.weight, ref_conv.weight), (fused.conv.bias, ref_conv.bias),
+                      (fused.bn.weight, ref_bn.weight), (fused.bn.bias, ref_bn.bias)):
+        assert mine.grad.abs().sum() > 0
+        torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-4, atol=1e-5)
+    assert torch.equal(fused.bn.running_mean, stats[0]) and torch.equal(fused.bn.running_var, stats[1])
+
+
 def test_backward_reaches_conv_and_bn_through_pow2_quantizer():
     conv, bn = _conv_bn(5)
     fq = Pow2FakeQuantize(QuantSpec(per_channel=True, signed=True, observer="minmax"), True, num_channels=8)

@@ -1,0 +1,63 @@
+"""bench/qat_speed.py at toy size: interleaved rounds, every QAT phase in its state, the compiled column
+(QAT refused), the onnxruntime rows, and ratios that follow from the medians."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench.qat_speed import PHASES, QAT_COMPILE, Variant, interleave, run
+
+
+def test_interleave_turns_the_order_each_round():
+    order = []
+    variants = [Variant(n, n, lambda n=n: order.append(n)) for n in "abc"]
+    interleave(variants, rounds=4, steps=2)
+    assert order == list("aabbcc" "bbccaa" "ccaabb" "aabbcc")
+    assert all(len(v.times) == 8 and v.median_ms >= 0 for v in variants)
+
+
+def test_run_measures_every_phase_compiled_float_and_onnx(tmp_path, monkeypatch, capsys, shared_dir):
+    import quant.schedule
+
+    states = []
+    real_bn = quant.schedule.set_bn_frozen
+
+    def recording(model, frozen):  # each QAT phase's setup ends by setting BN; record the whole state then
+        real_bn(model, frozen)
+        quantizers = [q for _, q in quant.schedule.iter_quantizers(model) if not q.fixed]
+        states.append((bool(quantizers[0].observer_enabled), frozen))
+
+    compiled = []
+
+    def fake_compile(module):  # the real compiler takes minutes on a 2-core CPU; the wiring is what is tested
+        def forward(*args, **kwargs):
+            compiled.append(1)
+            return module(*args, **kwargs)
+        return forward
+
+    monkeypatch.setattr(quant.schedule, "set_bn_frozen", recording)
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    out = tmp_path / "qat_speed.json"
+    result = run(cfg="yolov5p.yaml", imgsz=64, batch_size=2, rounds=2, steps=1, warmup=1, threads=1,
+                 onnx_weights=shared_dir / "weights" / "yolov5n.pt", onnx_imgsz=(64,), onnx_block=1, json_out=out)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    steps = result["steps"]
+    assert list(steps) == ["float", *PHASES]
+    assert sorted(set(states)) == [(False, False), (False, True), (True, False)]  # the three phases
+    assert len(compiled) == 2 + 2  # compile warm-up, then one timed step per round
+    for name, row in steps.items():
+        assert row["steps"] == 2 and row["eager_ms"] > 0
+        assert row["eager_over_float"] == pytest.approx(row["eager_ms"] / steps["float"]["eager_ms"])
+        assert row["compiled_ms"] == QAT_COMPILE if name != "float" else row["compiled_over_float"] == 1.0
+    (latency,) = result["onnx"]
+    assert latency["imgsz"] == 64 and latency["runs"] == 2
+    assert latency["int8_over_fp32"] == pytest.approx(latency["int8_median_ms"] / latency["fp32_median_ms"])
+    printed = capsys.readouterr().out
+    assert "QAT, observers and BN frozen" in printed and "refused" in printed and "INT8/FP32" in printed
+
+
+def test_run_refuses_empty_rounds():
+    with pytest.raises(ValueError, match="--rounds"):
+        run(rounds=0)
