@@ -35,6 +35,7 @@ from utils.log import TQDM_BAR_FORMAT, colorstr
 from utils.loss import ComputeLoss
 from utils.plots import plot_images, plot_results
 from utils.qat import load_model
+from utils.qat_training import distillation_from_options, prepare_for_training, threshold_optimizer_from_hyp
 from utils.quant_report import log_report_paths, try_report_quantization
 from utils.torch_utils import EarlyStopping, ModelEMA, de_parallel, torch_distributed_zero_first, use_channels_last
 from utils.train_config import DistContext, TrainConfig
@@ -47,8 +48,6 @@ from utils.train_setup import (build_model, freeze_layers, get_rng_state, lr_lam
 LOGGER = logging.getLogger(__name__)
 
 MAX_GRAD_NORM = 10.0
-DEFAULT_LR_THRESHOLD = 0.01  # hyp 'lr_threshold' when absent: Adam's step on log2 thresholds
-DEFAULT_DISTILL_GAIN = 1.0  # hyp 'distill' when absent
 NONFINITE_LIMIT = 10  # consecutive skipped steps before the run is declared diverged
 PROGRESS_INTERVAL_S = 0.5  # the loss shown in the progress bar is read from the device at most this often
 
@@ -102,8 +101,10 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         freeze_layers(model, list(opt.freeze))
         self.optimizer, self.accumulate = make_optimizer(model, opt.optimizer, self.hyp, opt.batch_size)
-        self.threshold_opt = self._threshold_optimizer(model) if self.qat else None
-        self.distill = self._distillation() if self.qat and opt.qat_distill else None
+        self.threshold_opt = threshold_optimizer_from_hyp(model, self.hyp) if self.qat else None
+        self.distill = None
+        if self.qat and opt.qat_distill:
+            self.distill = distillation_from_options(opt, self.nc, self.hyp, self.device)
         self.lf = lr_lambda(opt.cos_lr, self.hyp["lrf"], opt.epochs)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
         # hyp 'ema_decay' (ours; upstream's 0.9999 when absent): 0 validates the raw weights, as the
@@ -137,56 +138,14 @@ class Trainer:
         return torch.compile(model)
 
     def _prepare_qat(self, model: nn.Module, record: CheckpointRecord | None) -> nn.Module:
-        """Swap in the fake-quantized model: rebuilt from a QAT checkpoint, or prepared from float weights.
-
-        AMP under QAT: autocast runs in bfloat16 (float32's range, so no overflowing steps and no
-        GradScaler); activations are fake-quantized in bfloat16 directly, which is exact for power-of-2
-        scales (see quant/fake_quant.py).
-        """
-        from quant.schedule import iter_quantizers
-        from utils.qat import calibrate_on_training_images, prepare_qat_model, rebuild_qat_model
-
-        opt = self.cfg
-        if record is not None and record.quant is not None:
-            self.qat_calibrated = True  # its ranges were calibrated by the run that wrote it
-            prepared = rebuild_qat_model(record, record.train_state, self.device)
-            LOGGER.info(f"QAT: continuing from the quantized checkpoint {opt.weights}")
-        else:
-            graphs = self.save_dir / "graphs" if opt.qat_graphs and self.main else None
-            prepared = prepare_qat_model(model, self.imgsz, opt.qat_config, graph_dir=graphs)
-            n_calib = opt.qat_calib_images
-            self.qat_calibrated = n_calib > 0
-            if n_calib > 0:  # start from the PTQ state: every range calibrated before the first step
-                calibrate_on_training_images(prepared, self.data, self.imgsz, n_calib, self.device, opt.workers)
-                if self.rank != -1:
-                    for _, q in iter_quantizers(prepared):
-                        q.sync_across_ranks()
-            if self.main:
-                (self.save_dir / "qat_plan.txt").write_text(prepared.plan.table() + "\n")
-                LOGGER.info(colorstr("QAT: ") + f"prepared with {opt.qat_config}; plan in {self.save_dir / 'qat_plan.txt'}")
+        """Swap in the fake-quantized model (utils.qat_training). AMP under QAT: autocast runs in bfloat16
+        (float32's range, so no overflowing steps and no GradScaler); activations are fake-quantized in
+        bfloat16 directly, which is exact for power-of-2 scales (see quant/fake_quant.py)."""
+        plan_dir = self.save_dir if self.main else None
+        prepared, self.qat_calibrated = prepare_for_training(
+            model, record, self.cfg, self.data, self.imgsz, self.device, self.rank, plan_dir)
         self.amp_dtype = torch.bfloat16 if self.cuda and torch.cuda.is_bf16_supported() else torch.float16
-        return prepared.train()
-
-    def _threshold_optimizer(self, model: nn.Module) -> torch.optim.Optimizer | None:
-        """Adam for the trained power-of-2 thresholds (hyp 'lr_threshold'), None when the config trains none."""
-        from quant.threshold import threshold_optimizer
-
-        lr = float(self.hyp.get("lr_threshold", DEFAULT_LR_THRESHOLD))
-        optimizer = threshold_optimizer(model, lr)
-        if optimizer is not None:
-            n = len(optimizer.param_groups[0]["params"])
-            LOGGER.info(colorstr("QAT: ") + f"{n} trained thresholds, Adam(lr={lr:g}) once observers freeze")
-        return optimizer
-
-    def _distillation(self):
-        """--qat-distill: the float teacher (the run's starting weights, kept in opt.yaml for --resume)."""
-        from utils.distill import HeadDistillation, load_teacher
-
-        opt = self.cfg
-        teacher = load_teacher(opt.qat_distill, opt.cfg, self.nc, self.hyp, opt.act, self.device)
-        gain = float(self.hyp.get("distill", DEFAULT_DISTILL_GAIN))
-        LOGGER.info(colorstr("QAT: ") + f"distillation from {opt.qat_distill} (gain {gain:g})")
-        return HeadDistillation(teacher, gain)
+        return prepared
 
     def _make_loaders(self, model: nn.Module) -> None:
         opt = self.cfg
