@@ -38,7 +38,7 @@ padding:0 16px;color:#1d1d1f}
 h1{font-size:24px;margin-bottom:4px}h2{font-size:19px;margin-top:32px;border-bottom:1px solid #ddd}
 .meta{color:#555}table{border-collapse:collapse;font-size:12px;margin:8px 0}
 th,td{border:1px solid #ddd;padding:2px 6px;text-align:right;white-space:nowrap}
-th{background:#f3f3f3;position:sticky;top:0}td.text{text-align:left}
+th{background:#f3f3f3;position:sticky;top:0}.text{text-align:left}summary{cursor:pointer;color:#0645ad}
 tr.worst td{background:#fde8e8}img{max-width:100%;border:1px solid #eee}
 figure{margin:12px 0}figcaption{color:#444;font-size:13px}.scroll{overflow-x:auto}
 """
@@ -118,7 +118,8 @@ def histograms_png(rows: Sequence[LayerError], samples: dict[str, torch.Tensor])
 def _table(table_id: str, headers: Sequence[str], rows: Sequence[Sequence[str]], text_cols: int,
            row_attrs: Sequence[str] = ()) -> str:
     """An HTML table; the first ``text_cols`` columns are left-aligned text."""
-    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
+    head = "".join(f"<th class=\"text\">{_esc(h)}</th>" if j < text_cols else f"<th>{_esc(h)}</th>"
+                   for j, h in enumerate(headers))
     body = []
     for i, row in enumerate(rows):
         tds = "".join(f"<td class=\"text\">{_esc(c)}</td>" if j < text_cols else f"<td>{_esc(c)}</td>"
@@ -155,7 +156,8 @@ def _plan_section(plan: Optional[Sequence]) -> str:
     items = [f"{quantized} of {len(convs)} convs quantized (weights and outputs)"]
     items += [f"{n} × {reason}" for reason, n in sorted(notes.items(), key=lambda kv: -kv[1])]
     listed = "<ul>" + "".join(f"<li>{_esc(i)}</li>" for i in items) + "</ul>"
-    return listed + _table("plan", plan.HEADER, plan.cells(), text_cols=len(plan.HEADER))
+    table = _table("plan", plan.HEADER, plan.cells(), text_cols=len(plan.HEADER))
+    return f"{listed}<details><summary>The plan, one row per module ({len(plan)})</summary>{table}</details>"
 
 
 def _quantizer_section(report: QuantReport) -> str:
