@@ -55,8 +55,8 @@ def parse_opt(argv=None):
     parser.add_argument("--raw-head", action="store_true",
                         help="export the raw head maps (one output per level) instead of decoded boxes")
     parser.add_argument("--openvino-compat", action="store_true",
-                        help="QDQ: a 1x1 MaxPool before each residual Add's conv input, so OpenVINO 2026.4 does not "
-                             "fuse the Add into the conv and skip that input's rounding (README, Runtimes)")
+                        help="QDQ: identity 1x1 MaxPools where OpenVINO 2026.4 otherwise departs from the ONNX "
+                             "spec (residual Adds, int8 concats); same outputs elsewhere (README, Runtimes)")
     parser.add_argument("--check-images", nargs="*", default=None,
                         help="images for the onnxruntime-vs-PyTorch check (default: shared bus.jpg and "
                              "zidane.jpg if present; none given: random inputs)")

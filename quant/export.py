@@ -40,7 +40,7 @@ from torch import nn
 from quant.fake_quant import Pow2FakeQuantize
 from quant.fused import QATConv, QATConvBnAct, make_act
 from quant.graph import input_quantizer_of, leaf_conv_inputs, set_submodule
-from quant.qdq_onnx import activation_tensor_names, check_qdq_structure, finalize_qdq_onnx, guard_residual_adds
+from quant.qdq_onnx import activation_tensor_names, check_qdq_structure, finalize_qdq_onnx, openvino_guards
 
 __all__ = ["QUANT_SCHEME", "QdqActivation", "QdqConv", "QdqExport", "activation_tensor_names", "check_qdq_structure",
            "convert_for_export", "export_qdq", "exportable", "finalize_qdq_onnx", "quant_ranges", "quantizer_ranges",
@@ -209,7 +209,7 @@ def _plain_torch_export(module: nn.Module, example: torch.Tensor, file: Path) ->
 def export_qdq(prepared: fx.GraphModule, example: torch.Tensor, file: Union[str, Path],
                wrap: Optional[Callable[[nn.Module], nn.Module]] = None,
                torch_export: Optional[Callable[[nn.Module, torch.Tensor, Path], None]] = None,
-               converted: Optional[fx.GraphModule] = None, guard_adds: bool = False) -> QdqExport:
+               converted: Optional[fx.GraphModule] = None, openvino_compat: bool = False) -> QdqExport:
     """Write ``prepared`` as a QDQ ONNX file: convert -> record the quantizer calls -> torch.onnx.export
     -> finalize (int8 weights, int32 biases) -> check the structure -> ranges. Raises ValueError when
     a check fails.
@@ -217,8 +217,8 @@ def export_qdq(prepared: fx.GraphModule, example: torch.Tensor, file: Union[str,
     ``wrap`` puts the converted module in the caller's export wrapper (e.g. a detection head's output
     layout); ``torch_export(module, example, file)`` runs torch.onnx.export with the caller's names,
     opset and dynamic axes (default: the TorchScript exporter, opset 17); ``converted`` reuses an
-    earlier conversion of the same model; ``guard_adds`` applies :func:`quant.qdq_onnx.guard_residual_adds`
-    (for OpenVINO; numerically a no-op).
+    earlier conversion of the same model; ``openvino_compat`` applies :func:`quant.qdq_onnx.openvino_guards`
+    (numerically a no-op).
 
     Example:
         >>> result = export_qdq(prepared, torch.zeros(1, 3, 64, 64), "model.onnx")  # doctest: +SKIP
@@ -234,8 +234,8 @@ def export_qdq(prepared: fx.GraphModule, example: torch.Tensor, file: Union[str,
     with recording_quantizer_calls(module) as calls:
         (torch_export or _plain_torch_export)(module, example.float(), file)
     model = finalize_qdq_onnx(onnx.load(str(file)))
-    if guard_adds:
-        guard_residual_adds(model)
+    if openvino_compat:
+        openvino_guards(model)
     summary = check_qdq_structure(model)
     ranges = quant_ranges(prepared, module, model, calls)
     onnx.save(model, str(file))

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-__all__ = ["activation_tensor_names", "check_qdq_structure", "finalize_qdq_onnx", "guard_residual_adds",
+__all__ = ["activation_tensor_names", "check_qdq_structure", "finalize_qdq_onnx", "openvino_guards",
            "output_steps", "read_steps"]
 
 LOGGER = logging.getLogger(__name__)
@@ -121,47 +121,67 @@ def finalize_qdq_onnx(model: Any) -> Any:
     return model
 
 
-_CONV_ACTS = ("Relu", "Clip")
+def _ranks(model: Any) -> dict[str, int]:
+    """Rank of every tensor onnx's shape inference can tell (dimensions may stay symbolic)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    infos = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in infos if v.type.tensor_type.HasField("shape")}
 
 
-def _conv_branch(g: _Graph, tensor: str) -> bool:
-    """True when ``tensor`` is DequantizeLinear(QuantizeLinear(conv output, optionally through Relu/Clip))
-    and its only reader is the node asking."""
+def _requantized(g: _Graph, tensor: str) -> bool:
+    """True when ``tensor`` is DequantizeLinear(QuantizeLinear(...)) with one reader."""
     dq = g.producer.get(tensor)
     if dq is None or dq.op_type != "DequantizeLinear" or len(g.users(tensor)) != 1:
         return False
     q = g.producer.get(dq.input[0])
-    src = g.producer.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
-    if src is not None and src.op_type in _CONV_ACTS:
-        src = g.producer.get(src.input[0])
-    return src is not None and src.op_type == "Conv"
+    return q is not None and q.op_type == "QuantizeLinear"
 
 
-def guard_residual_adds(model: Any) -> int:
-    """Put a 1x1 MaxPool (an exact no-op) between each Add and an input that is a conv's quantized
-    output read by that Add alone; returns how many. ``model`` is changed in place.
+def openvino_guards(model: Any) -> dict[str, int]:
+    """Put an identity 1x1 MaxPool where OpenVINO 2026.4's CPU plugin would otherwise compute a QDQ
+    graph differently from the ONNX specification (which onnxruntime follows); returns how many of each.
+    ``model`` is changed in place; every output stays bit for bit the same in onnxruntime.
 
-    OpenVINO 2026.4's CPU plugin fuses ``Conv -> QuantizeLinear -> DequantizeLinear -> Add ->
-    QuantizeLinear`` into one conv and rounds only after the Add, skipping the conv branch's rounding
-    (half to even), which the specification and onnxruntime apply: off by one step wherever that
-    rounding meets a tie, and power-of-2 scales make ties common. A pooling node cannot join the conv's
-    fused post-ops, so the Add then runs on the rounded values. onnxruntime keeps the conv and the Add
-    integer (QLinearConv, QLinearAdd).
+    * ``residual_adds``: before an Add input that is a requantized tensor read by that Add alone (the
+      conv branch of a residual block). OpenVINO fuses ``Conv -> ... -> QuantizeLinear ->
+      DequantizeLinear -> Add -> QuantizeLinear`` into the conv and rounds once, after the Add,
+      skipping the branch's own rounding (half to even): one step off wherever that rounding meets a
+      tie, and power-of-2 scales make ties common. A pooling node cannot join the conv's fused
+      post-ops, so the Add runs on the rounded values.
+    * ``int8_concats``: between a Concat and its int8 QuantizeLinear. OpenVINO otherwise moves that
+      requantization ahead of the Concat as uint8 and the next conv comes out many steps off (uint8
+      concats, as after ReLU, are computed right and left alone).
+
+    onnxruntime still runs every conv and residual Add of a ReLU model on integer kernels.
     """
     import onnx
 
-    g = _Graph(model)
-    done = 0
-    for add in [n for n in g.graph.node if n.op_type == "Add"]:
-        for k, tensor in enumerate(list(add.input)):
-            if not _conv_branch(g, tensor):
-                continue
-            pool = onnx.helper.make_node("MaxPool", [tensor], [f"{tensor}_guarded"], name=f"{add.name}_guard{k}",
-                                         kernel_shape=[1, 1])
-            g.graph.node.insert(list(g.graph.node).index(add), pool)
-            add.input[k] = pool.output[0]
-            done += 1
-    LOGGER.info("QDQ ONNX: %d residual Add inputs guarded by a 1x1 MaxPool", done)
+    g, ranks = _Graph(model), _ranks(model)
+    done = {"residual_adds": 0, "int8_concats": 0}
+
+    def guard(tensor: str, reader: Any, index: int, kind: str) -> None:
+        rank = ranks.get(tensor, 0)
+        if rank < 3:  # MaxPool needs (N, C, spatial...)
+            return
+        pool = onnx.helper.make_node("MaxPool", [tensor], [f"{tensor}_guarded"], name=f"{reader.name}_guard{index}",
+                                     kernel_shape=[1] * (rank - 2))
+        g.graph.node.insert(list(g.graph.node).index(reader), pool)
+        reader.input[index] = pool.output[0]
+        done[kind] += 1
+
+    for node in list(g.graph.node):
+        if node.op_type == "Add":
+            for k, tensor in enumerate(list(node.input)):
+                if _requantized(g, tensor):
+                    guard(tensor, node, k, "residual_adds")
+        elif node.op_type == "QuantizeLinear" and len(node.input) > 2:
+            src, zero = g.producer.get(node.input[0]), g.value(node.input[2])
+            if src is not None and src.op_type == "Concat" and zero is not None and zero.dtype == np.int8:
+                guard(node.input[0], node, 0, "int8_concats")
+    LOGGER.info("QDQ ONNX: 1x1 MaxPool guards for OpenVINO: %d residual Add inputs, %d int8 concats",
+                done["residual_adds"], done["int8_concats"])
     return done
 
 

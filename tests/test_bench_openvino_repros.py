@@ -67,10 +67,13 @@ def test_run_without_openvino_prints_onnxruntime_only(capsys, monkeypatch, tmp_p
     assert "openvino: not installed" in capsys.readouterr().out
 
 
-def test_guard_residual_adds_on_the_repro_changes_nothing_in_onnxruntime():
-    from quant.qdq_onnx import guard_residual_adds
+@pytest.mark.parametrize("name, kind", [("residual_add", "residual_adds"), ("int8_concat", "int8_concats")])
+def test_openvino_guards_on_the_repros_change_nothing_in_onnxruntime(name, kind):
+    from quant.qdq_onnx import openvino_guards
 
-    model, inputs, reference, _ = residual_add()
-    assert guard_residual_adds(model) == 1
+    model, inputs, reference, _ = REPROS[name]()
+    counts = openvino_guards(model)
+    assert counts[kind] == 1 and sum(counts.values()) == 1
     onnx.checker.check_model(model)
     assert np.array_equal(_ort(model, inputs), reference(inputs))
+    assert openvino_guards(model) == {"residual_adds": 0, "int8_concats": 0}  # nothing left to guard

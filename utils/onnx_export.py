@@ -54,7 +54,7 @@ class OnnxOptions:
     dynamic: bool = False
     fixed_shape: bool = False
     raw_head: bool = False
-    openvino_compat: bool = False  # QDQ only: quant.qdq_onnx.guard_residual_adds
+    openvino_compat: bool = False  # QDQ only: quant.qdq_onnx.openvino_guards
     half: bool = False
     simplify: bool = False
     exporter: str = "torchscript"  # or 'dynamo'
@@ -288,7 +288,7 @@ def export_onnx_qdq(prepared: nn.Module, im: torch.Tensor, file: Path, options: 
         result = export_qdq(prepared, im, file,
                             wrap=lambda m: prepare_for_export(route_image_to_head(m), options.raw_head),
                             torch_export=lambda m, x, f: _torch_export(m, x, f, options, outputs),
-                            converted=converted, guard_adds=options.openvino_compat)
+                            converted=converted, openvino_compat=options.openvino_compat)
     except ExportError:
         raise
     except ValueError as err:

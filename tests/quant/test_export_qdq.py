@@ -132,12 +132,13 @@ def test_runtime_agreement_bench_on_the_export(exported, shared_dir, monkeypatch
     assert "openvino: not installed" in capsys.readouterr().out
 
 
-def test_guard_residual_adds_is_exact_and_keeps_integer_kernels(exported, tmp_path):
-    """--openvino-compat's pass: a 1x1 MaxPool on each residual Add's conv input; same outputs, every conv
-    and Add still integer in onnxruntime; a second pass finds nothing left to guard."""
+def test_openvino_guards_are_exact_and_keep_integer_kernels(exported, tmp_path):
+    """--openvino-compat's pass: an identity 1x1 MaxPool on each residual Add's requantized input (a ReLU
+    model has no int8 concats); same outputs, every conv and residual Add still integer in onnxruntime;
+    a second pass finds nothing left to guard."""
     import onnxruntime as ort
 
-    from quant.qdq_onnx import guard_residual_adds
+    from quant.qdq_onnx import openvino_guards
     from utils.onnx_runtimes import ConvKernels, conv_kernels, ort_optimized_ops
 
     _, result, model = exported
@@ -145,7 +146,8 @@ def test_guard_residual_adds_is_exact_and_keeps_integer_kernels(exported, tmp_pa
     guarded.CopyFrom(model)
     residual = [n for n in model.graph.node if n.op_type == "Add" and "QuantizeLinear" in
                 {p.op_type for p in model.graph.node if p.input and p.input[0] == n.output[0]}]
-    assert residual and guard_residual_adds(guarded) == len(residual) and guard_residual_adds(guarded) == 0
+    assert residual and openvino_guards(guarded) == {"residual_adds": len(residual), "int8_concats": 0}
+    assert openvino_guards(guarded) == {"residual_adds": 0, "int8_concats": 0}
     onnx.checker.check_model(guarded)
     path = tmp_path / "guarded.onnx"
     onnx.save(guarded, str(path))
