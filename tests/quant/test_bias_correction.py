@@ -85,10 +85,10 @@ def test_bias_correction_keeps_working_in_qat_mode():
     prepared = prepare(net, torch.zeros(1, 3, 12, 12), _config())
     images = _images()
     calibrate(prepared, [images], n_images=8)
+    prepared.a.bn.momentum = 0.0  # no statistics update: only the correction differs between the two calls
     prepared.train()
     with torch.no_grad():
         train_before = prepared.a(images)
-    prepared.a.bn.momentum = 0.0  # compare without updating the statistics
     correct_bias(prepared, [images], n_images=8)
     prepared.train()
     with torch.no_grad():

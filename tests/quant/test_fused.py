@@ -92,6 +92,31 @@ def test_freeze_bn_uses_running_stats_in_train_mode():
     assert not torch.allclose(fused(x), expected, atol=1e-4)
 
 
+def test_batch_statistics_path_equals_dividing_the_output():
+    """BN live: the scale is undone on the weight, conv(x, wq(W * sf) / sf); values, gradients and running
+    statistics equal the textbook conv(x, wq(W * sf)) / sf (+ bias) then BN, to float rounding."""
+    conv, bn = _conv_bn(9, bias=True)
+    fq = Pow2FakeQuantize(QuantSpec(per_channel=True, signed=True, observer="minmax"), True, num_channels=8)
+    fused = QATConvBnAct(conv, bn, "relu", fq).train()
+    ref_conv, ref_bn = copy.deepcopy(fused.conv), copy.deepcopy(fused.bn)
+    x = torch.randn(4, 3, 8, 8)
+    got = fused(x)
+    sf = ref_bn.weight / torch.sqrt(ref_bn.running_var + ref_bn.eps)
+    w_q = fq(ref_conv.weight * sf.reshape(-1, 1, 1, 1))
+    y = F.conv2d(x, w_q, None, padding=1) / sf.reshape(1, -1, 1, 1) + ref_conv.bias.reshape(1, -1, 1, 1)
+    expected = F.relu(ref_bn(y))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.bn.running_mean, ref_bn.running_mean)
+    torch.testing.assert_close(fused.bn.running_var, ref_bn.running_var)
+    upstream = torch.randn_like(got)
+    (got * upstream).sum().backward()
+    (expected * upstream).sum().backward()
+    for mine, ref in ((fused.conv.weight, ref_conv.weight), (fused.bn.weight, ref_bn.weight),
+                      (fused.bn.bias, ref_bn.bias), (fused.conv.bias, ref_conv.bias)):  # the last: ~0 (batch mean)
+        torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-4, atol=1e-5)
+    assert fused.conv.weight.grad.abs().sum() > 0 and fused.bn.weight.grad.abs().sum() > 0
+
+
 def test_frozen_bn_is_the_simulated_folding_with_running_stats_forward_and_backward():
     """Frozen BN runs one conv with the folded quantized weight and the folded bias; values and
     gradients (conv weight and bias, gamma, beta) equal the simulated form conv(x, wq(W * sf)) / sf,
