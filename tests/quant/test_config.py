@@ -37,10 +37,18 @@ def test_yaml_round_trip(tmp_path):
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
 def test_shipped_configs_load_and_round_trip(path, tmp_path):
-    cfg = QuantConfig.from_yaml(path)
+    # as train.py/val.py read --qat-config: layered on default.yaml
+    cfg = QuantConfig.from_yaml(path, QuantConfig.from_yaml(REPO / "data" / "quant" / "default.yaml").to_dict())
     assert "Detect" in cfg.leaf_modules
     cfg.to_yaml(tmp_path / "out.yaml")
     assert QuantConfig.from_yaml(tmp_path / "out.yaml") == cfg
+
+
+def test_trained_thresholds_overlay_keeps_the_default_recipe():
+    base = QuantConfig.from_yaml(REPO / "data" / "quant" / "default.yaml")
+    cfg = QuantConfig.from_yaml(REPO / "data" / "quant" / "trained_thresholds.yaml", base.to_dict())
+    assert cfg.activation.trained_threshold and not cfg.weight.trained_threshold
+    assert cfg.rules == base.rules and cfg.activation.observer == base.activation.observer
 
 
 def test_shipped_head_variants():
