@@ -85,9 +85,6 @@ def _refuse_unsupported(opt: argparse.Namespace) -> None:
     for flag, on in (("--evolve", opt.evolve), ("--image-weights", opt.image_weights), ("--quad", opt.quad)):
         if on:
             raise ValueError(f"{flag} is not supported by this trainer; run without it")
-    if getattr(opt, "compile", False) and opt.qat:
-        # measured: torch 2.13's compiler breaks the fake-quant backward (an in-place version error)
-        raise ValueError("--compile is not supported with --qat yet; run QAT without --compile")
 
 
 def _teacher_path(opt: argparse.Namespace) -> str:

@@ -11,7 +11,6 @@ Example::
 from __future__ import annotations
 
 import logging
-
 from typing import Optional
 
 import torch
@@ -19,37 +18,12 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from quant.config import QuantSpec
-from quant.fq_ops import EXP_MAX, EXP_MIN, PerTensorFakeQuantCPU, threshold_fake_quant
+from quant.fq_ops import (EXP_MAX, EXP_MIN, MSE_CANDIDATES, PerTensorFakeQuantCPU, candidate_errors,
+                          exponent_from_bound, has_half_kernel, pow2_scale, shift_errors, threshold_fake_quant)
 from quant.histogram import ValueHistogram
 
 LOGGER = logging.getLogger(__name__)
-
-MSE_CANDIDATES = 5  # 'mse' tries k in [ceil(log2 m) - 4, ceil(log2 m)]
-# Bounds keep k finite for all-zero channels (log2 0 = -inf) and overflowing data; 2**-48 / 2**15
-# is still a normal float32, so every scale stays an exact power of two.
-_MIN_BOUND = 2.0 ** -32
-
-
-def exponent_from_bound(bound: torch.Tensor, rounding: str) -> torch.Tensor:
-    """Integer exponent k (as float32) for observed bounds ``bound`` by the 'ceil' or 'round' rule.
-
-    For 'mse' this returns ``ceil(log2 bound)``, the top of the candidate window.
-    """
-    log2 = torch.log2(bound.double().clamp_min(_MIN_BOUND))  # double: exact at powers of two
-    k = torch.round(log2) if rounding == "round" else torch.ceil(log2)
-    return k.clamp(EXP_MIN, EXP_MAX).float()
-
-
-# (device type, dtype) pairs whose fake-quant kernel turned out to be missing in this torch build.
-_NO_NATIVE_KERNEL: set[tuple[str, torch.dtype]] = set()
-
-
-def _runs_natively(x: torch.Tensor) -> bool:
-    """Whether to fake-quantize an autocast (bf16/fp16) tensor in its own dtype. The result is the
-    same as going through float32: with a power-of-2 scale, x / s and q * s are exact, and every
-    8-bit grid value q * s (|q| <= 255) is representable in bf16 and fp16; it saves two casts (a
-    full read and write of the activation each, forward and backward)."""
-    return x.dtype in (torch.bfloat16, torch.float16) and (x.device.type, x.dtype) not in _NO_NATIVE_KERNEL
+__all__ = ["Pow2FakeQuantize", "exponent_from_bound", "MSE_CANDIDATES"]
 
 
 class Pow2FakeQuantize(nn.Module):
@@ -63,6 +37,15 @@ class Pow2FakeQuantize(nn.Module):
 
     Observation happens only when the observer is enabled and the module is training or
     ``calibrating`` is True; before the first observation (``calibrated == 0``) x passes unchanged.
+
+    The three 0/1 flag buffers (``observer_enabled``, ``fake_quant_enabled``, ``calibrated``) travel in
+    checkpoints; forward reads Python copies of them, so a training step reads nothing back from the
+    device (on a GPU each read is a stall) and torch.compile sees the phase as Python state (a phase
+    change recompiles once). The copies are set by the methods that change the flags and refreshed from
+    the buffers where they are written wholesale: :meth:`load_state_dict`, :meth:`copy_host_state`
+    (the EMA) and the collectives of :meth:`sync_across_ranks`. Code that writes a flag buffer by any
+    other route calls :meth:`refresh_host_state`. The scale is computed from ``exponent`` at each call,
+    never cached, so a DDP buffer broadcast or any in-place write is used at once.
     """
 
     # An EMA of the model copies this module's state instead of averaging it: an averaged exponent
@@ -80,11 +63,6 @@ class Pow2FakeQuantize(nn.Module):
         self.quant_max = 2 ** (self.bits - 1) - 1 if self.signed else 2 ** self.bits - 1
         self.ch_axis = spec.ch_axis
         self.calibrating = False
-        # Host-side copies of the 0/1 flag buffers and of the scale, each valid while its buffer is
-        # the same tensor at the same version: reading a CUDA buffer with bool() waits for the GPU,
-        # and a QAT model has hundreds of quantizers, so forward would otherwise stall at each one.
-        self._host_flags: dict[str, tuple] = {}
-        self._scale_cache: Optional[tuple] = None
         # Per-forward aggregation (see begin_step): the pre-step statistics and this step's range.
         self._step_stats: Optional[tuple] = None
         self._aggregate = False
@@ -104,6 +82,7 @@ class Pow2FakeQuantize(nn.Module):
         # to the exponent while observing; sync_exponent_from_threshold() after each optimizer step.
         trained = spec.trained_threshold and fixed is None
         self.log2_threshold = nn.Parameter(torch.zeros(channels)) if trained else None
+        self.refresh_host_state()
 
     # ---- public API ------------------------------------------------------------------------------
     @property
@@ -112,9 +91,9 @@ class Pow2FakeQuantize(nn.Module):
         return self.spec.fixed_exponent is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.training or self.calibrating) and self._flag("observer_enabled"):
+        if self._observing and (self.training or self.calibrating):
             self._observe(x.detach())
-        if not self.is_active():
+        if not (self._fake_quant_on and self._calibrated):
             return x
         if self.log2_threshold is not None and self.training and torch.is_grad_enabled():
             return self._threshold_fake_quant(x)
@@ -123,11 +102,27 @@ class Pow2FakeQuantize(nn.Module):
     def quantize_now(self, x: torch.Tensor) -> torch.Tensor:
         """x fake-quantized with the current scale whatever the enable flag says (x itself before the
         first observation); observes nothing. For reports that compare quantized and float tensors."""
-        return self._fake_quant(x) if self._flag("calibrated") else x
+        return self._fake_quant(x) if self._calibrated else x
 
     def is_active(self) -> bool:
         """True when forward fake-quantizes: calibrated and fake quantization enabled (no device sync)."""
-        return self._flag("fake_quant_enabled") and self._flag("calibrated")
+        return self._fake_quant_on and self._calibrated
+
+    def refresh_host_state(self) -> None:
+        """Re-read the flag buffers into the Python copies forward uses (three device reads)."""
+        self._observing = bool(self.observer_enabled)
+        self._fake_quant_on = bool(self.fake_quant_enabled)
+        self._calibrated = bool(self.calibrated)
+
+    def copy_host_state(self, source: "Pow2FakeQuantize") -> None:
+        """Take ``source``'s Python flag copies after its buffers were copied into this module's (the
+        EMA does that each step: no device read)."""
+        self._observing, self._fake_quant_on, self._calibrated = (
+            source._observing, source._fake_quant_on, source._calibrated)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.refresh_host_state()
 
     def emits_int(self) -> bool:
         """True when the output is an int8/uint8 tensor in the integer network (and a Q/DQ pair in the
@@ -136,27 +131,7 @@ class Pow2FakeQuantize(nn.Module):
 
     def scale(self) -> torch.Tensor:
         """Per-channel (C,) or per-tensor (1,) float32 scales, exact powers of two (a new tensor)."""
-        # float64 pow then cast: exact for integer exponents on every backend.
-        return torch.pow(2.0, self.exponent.double() - (self.bits - int(self.signed))).float()
-
-    def cached_scale(self) -> torch.Tensor:
-        """``scale()``, recomputed only when the exponent changed; shared, so never modify it in place.
-
-        Frozen observers leave the exponent untouched, so a frozen QAT step computes no scales.
-        """
-        return self._qparams()[0]
-
-    def _qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, int32 zero point) for the fake-quant ops, cached per exponent tensor and version."""
-        exp = self.exponent
-        hit = self._scale_cache
-        if (hit is not None and hit[0] is exp and hit[1] == exp._version
-                and (torch.is_inference_mode_enabled() or not hit[2].is_inference())):
-            return hit[2], hit[3]
-        scale = self.scale()
-        zero = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
-        self._scale_cache = (exp, exp._version, scale, zero)
-        return scale, zero
+        return pow2_scale(self.exponent, self.bits, self.signed)
 
     def begin_step(self) -> None:
         """Start a new forward pass: until the next call, every observation this quantizer makes is
@@ -173,21 +148,18 @@ class Pow2FakeQuantize(nn.Module):
         if self.log2_threshold is not None:
             self.exponent.copy_(torch.round(self.log2_threshold.detach().float()).clamp(EXP_MIN, EXP_MAX))
 
-    def forget_cached_scale(self) -> None:
-        """Recompute the scale at the next forward. Needed where something rewrites ``exponent``
-        without bumping its version counter: DDP's buffer broadcast from rank 0 and collectives."""
-        self._scale_cache = None
-
     def enable_observer(self, on: bool = True) -> None:
         """Start/stop observing; a fixed-range quantizer keeps its observer off."""
         if on and self.fixed:
             LOGGER.debug("observer stays off: fixed exponent %s", self.spec.fixed_exponent)
             return
         self.observer_enabled.fill_(int(bool(on)))
+        self._observing = bool(on)
 
     def enable_fake_quant(self, on: bool = True) -> None:
         """Turn fake quantization on/off (off: identity, observers unaffected)."""
         self.fake_quant_enabled.fill_(int(bool(on)))
+        self._fake_quant_on = bool(on)
 
     @torch.no_grad()
     def reset_observer(self) -> None:
@@ -208,7 +180,6 @@ class Pow2FakeQuantize(nn.Module):
         """
         if self.fixed or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
             return
-        self._host_flags.clear()  # collectives write the buffers behind the version counters' back
         observed = self.calibrated.float()  # ranks that never observed do not vote on errors
         if self._histogram is not None:
             self._histogram.sync_across_ranks(self.exponent.device)
@@ -218,20 +189,19 @@ class Pow2FakeQuantize(nn.Module):
         dist.all_reduce(self.calibrated, op=dist.ReduceOp.MAX)
         dist.all_reduce(self.num_observed, op=dist.ReduceOp.MAX)
         if old_top is not None:
-            shifted = self._shift_errors(self.mse_err, old_top, self._window_top(), fill=None) * observed
+            shifted = shift_errors(self.mse_err, old_top, self._window_top(), fill=None) * observed
             votes = observed.reshape(1).clone()
             dist.all_reduce(shifted, op=dist.ReduceOp.SUM)
             dist.all_reduce(votes, op=dist.ReduceOp.SUM)
             self.mse_err.copy_(shifted / votes.clamp_min(1.0))
-        self._host_flags.clear()
-        self.forget_cached_scale()
-        if self._flag("calibrated"):
+        self.refresh_host_state()  # the collectives rewrote the flag buffers
+        if self._calibrated:
             self._update_exponent()
 
     @torch.no_grad()
     def clipping_ratio(self, x: torch.Tensor) -> float:
         """Fraction of the values of ``x`` outside the representable range (0.0 before calibration)."""
-        if not self._flag("calibrated") or x.numel() == 0:
+        if not self._calibrated or x.numel() == 0:
             return 0.0
         scale = self._broadcast(self.scale().to(x.device), x)
         xf = x.detach().float()
@@ -241,7 +211,7 @@ class Pow2FakeQuantize(nn.Module):
     def extra_repr(self) -> str:
         name = f"{'int' if self.signed else 'uint'}{self.bits}"
         grain = " per-channel" if self.spec.per_channel else ""
-        if not self._flag("calibrated"):
+        if not self._calibrated:
             return f"{name}{grain}, uncalibrated, {self.spec.rounding}"
         k = self.scale().log2().round().to(torch.int64)
         lo, hi = int(k.min()), int(k.max())
@@ -251,28 +221,13 @@ class Pow2FakeQuantize(nn.Module):
         return f"{name}{grain}, {scale}{tail}"
 
     # ---- internals -------------------------------------------------------------------------------
-    def _flag(self, name: str) -> bool:
-        """The 0/1 buffer ``name`` as a bool, read from the device only after the buffer changed."""
-        buf = self._buffers[name]
-        hit = self._host_flags.get(name)
-        if hit is not None and hit[0] is buf and hit[1] == buf._version:
-            return hit[2]
-        value = bool(buf)
-        self._host_flags[name] = (buf, buf._version, value)
-        return value
-
     def _fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        scale, zero = self._qparams()
+        scale = self.scale()
         if scale.device != x.device:
-            scale, zero = scale.to(x.device), zero.to(x.device)
-        if x.dtype != torch.float32 and _runs_natively(x):
-            try:
-                return self._fake_quant_op(x, scale, zero)
-            except RuntimeError:  # this torch build has no kernel for the dtype here: use float32 from now on
-                _NO_NATIVE_KERNEL.add((x.device.type, x.dtype))
-        xf = x if x.dtype == torch.float32 else x.float()
-        out = self._fake_quant_op(xf, scale, zero)
-        return out if out.dtype == x.dtype else out.to(x.dtype)
+            scale = scale.to(x.device)
+        if x.dtype == torch.float32 or has_half_kernel(x):
+            return self._fake_quant_op(x, scale)
+        return self._fake_quant_op(x.float(), scale).to(x.dtype)
 
     def _threshold_fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         shape: tuple = ()
@@ -283,7 +238,8 @@ class Pow2FakeQuantize(nn.Module):
         return threshold_fake_quant(x, self.log2_threshold, shape, self.bits, self.signed,
                                     self.quant_min, self.quant_max)
 
-    def _fake_quant_op(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    def _fake_quant_op(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        zero = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
         if self.spec.per_channel:
             return torch.fake_quantize_per_channel_affine(x, scale, zero, self._axis(x), self.quant_min, self.quant_max)
         if x.device.type == "cpu" and x.dtype == torch.float32:
@@ -346,9 +302,9 @@ class Pow2FakeQuantize(nn.Module):
         if mse:
             self._accumulate_errors(rows, old_top, first)
         self._update_exponent()
-        if not self._flag("calibrated"):
-            self.calibrated.fill_(1)
+        self._mark_calibrated()
 
+    @torch.compiler.disable  # host-side by design: torch.compile runs it between graphs, untraced
     def _observe_histogram(self, x: torch.Tensor) -> None:
         """Count x into the histogram and keep min/max over everything seen (host reads: the
         histogram's range is a Python int; this runs only while calibrating)."""
@@ -361,8 +317,12 @@ class Pow2FakeQuantize(nn.Module):
         self.max_val.copy_(torch.where(first, hi, torch.maximum(self.max_val, hi)))
         self.num_observed.add_(1)
         self._update_exponent()
-        if not self._flag("calibrated"):
+        self._mark_calibrated()
+
+    def _mark_calibrated(self) -> None:
+        if not self._calibrated:
             self.calibrated.fill_(1)
+            self._calibrated = True
 
     def _histogram_exponent(self) -> float:
         """k from the histogram: the least-error candidate ('mse'), else the percentile bound's exponent."""
@@ -379,14 +339,15 @@ class Pow2FakeQuantize(nn.Module):
         if not self._aggregate:
             return lo, hi
         if self._step_stats is None:
-            self._step_stats = (self.min_val.clone(), self.max_val.clone(), self._flag("calibrated"), lo, hi)
+            self._step_stats = (self.min_val.clone(), self.max_val.clone(), self._calibrated, lo, hi)
             return lo, hi
         min0, max0, calibrated0, lo_acc, hi_acc = self._step_stats
         lo, hi = torch.minimum(lo, lo_acc), torch.maximum(hi, hi_acc)
         self.min_val.copy_(min0)
         self.max_val.copy_(max0)
-        if not calibrated0:  # (host flag: rewriting an unchanged buffer would force a re-read)
+        if not calibrated0:
             self.calibrated.fill_(0)
+            self._calibrated = False
         self._step_stats = (min0, max0, calibrated0, lo, hi)
         return lo, hi
 
@@ -415,42 +376,17 @@ class Pow2FakeQuantize(nn.Module):
         k = self._window_top() - (MSE_CANDIDATES - 1) + best
         self.exponent.copy_(k.clamp(EXP_MIN, EXP_MAX))
 
-    def _candidate_errors(self, rows: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-        """(C, 5) mean squared fake-quant error of each row for k = top-4 .. top."""
-        errs = []
-        step = 2.0 ** (self.bits - int(self.signed))
-        for j in range(MSE_CANDIDATES):
-            k = top - (MSE_CANDIDATES - 1 - j)
-            scale = (torch.pow(2.0, k.double()) / step).float().to(rows.device)[:, None]
-            q = torch.clamp(torch.round(rows / scale), self.quant_min, self.quant_max) * scale
-            errs.append((q - rows).pow(2).mean(dim=1))
-        return torch.stack(errs, dim=1)
-
     def _accumulate_errors(self, rows: torch.Tensor, old_top: torch.Tensor, first: torch.Tensor) -> None:
         """Average this batch's candidate errors into ``mse_err`` (replace them on a first observation)."""
         top = self._window_top()
-        current = self._candidate_errors(rows, top)
+        current = candidate_errors(rows, top, self.bits, self.signed, self.quant_min, self.quant_max)
         if self.spec.observer == "current":
             self.mse_err.copy_(current)
             return
-        history = self._shift_errors(self.mse_err, old_top, top, fill=current)
+        history = shift_errors(self.mse_err, old_top, top, fill=current)
         if self.spec.observer == "minmax":
             # running mean over all observations; the double division then float32, as a Python float would be
             factor = (1.0 / self.num_observed.double()).float()
         else:
             factor = float(self.spec.averaging_constant)
         self.mse_err.copy_(torch.where(first, current, history + factor * (current - history)))
-
-    @staticmethod
-    def _shift_errors(err: torch.Tensor, old_top: torch.Tensor, new_top: torch.Tensor, fill) -> torch.Tensor:
-        """Re-index candidate errors from window ``old_top`` to ``new_top`` (per row).
-
-        Candidates new to the window take ``fill`` (the current errors), or the nearest old
-        column when ``fill`` is None.
-        """
-        n = err.shape[1]
-        idx = torch.arange(n, device=err.device)[None, :] + (new_top - old_top).long()[:, None]
-        gathered = err.gather(1, idx.clamp(0, n - 1))
-        if fill is None:
-            return gathered
-        return torch.where((idx >= 0) & (idx < n), gathered, fill)

@@ -1,28 +1,111 @@
-"""The fake-quant arithmetic behind Pow2FakeQuantize, as plain functions of tensors: the per-tensor CPU
-kernel and the trained-threshold (TQT) fake quantizer whose log2 threshold receives a gradient."""
+"""The arithmetic behind Pow2FakeQuantize, as plain functions of tensors: power-of-2 scales and exponents,
+the per-tensor CPU kernel, the trained-threshold (TQT) fake quantizer whose log2 threshold receives a
+gradient, the 'mse' rule's candidate errors, and which half-precision fake-quant kernels a device has."""
 from __future__ import annotations
 
 import torch
 
 EXP_MIN, EXP_MAX = -48, 48  # exponent bounds: 2**-48 .. 2**48 stay normal float32 powers of two
+MSE_CANDIDATES = 5  # 'mse' tries k in [ceil(log2 m) - 4, ceil(log2 m)]
+# Bounds keep k finite for all-zero channels (log2 0 = -inf) and overflowing data; 2**-48 / 2**15
+# is still a normal float32, so every scale stays an exact power of two.
+_MIN_BOUND = 2.0 ** -32
+
+
+def exponent_from_bound(bound: torch.Tensor, rounding: str) -> torch.Tensor:
+    """Integer exponent k (as float32) for observed bounds ``bound`` by the 'ceil' or 'round' rule.
+
+    For 'mse' this returns ``ceil(log2 bound)``, the top of the candidate window.
+    """
+    log2 = torch.log2(bound.double().clamp_min(_MIN_BOUND))  # double: exact at powers of two
+    k = torch.round(log2) if rounding == "round" else torch.ceil(log2)
+    return k.clamp(EXP_MIN, EXP_MAX).float()
+
+
+def pow2_scale(exponent: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """float32 scales ``2**exponent / 2**(bits - signed)``: float64 pow then cast, exact for integer
+    exponents on every backend."""
+    return torch.pow(2.0, exponent.double() - (bits - int(signed))).float()
+
+
+def candidate_errors(rows: torch.Tensor, top: torch.Tensor, bits: int, signed: bool, qmin: int,
+                     qmax: int) -> torch.Tensor:
+    """(C, MSE_CANDIDATES) mean squared fake-quant error of each row of ``rows`` for k = top-4 .. top."""
+    errs = []
+    step = 2.0 ** (bits - int(signed))
+    for j in range(MSE_CANDIDATES):
+        k = top - (MSE_CANDIDATES - 1 - j)
+        scale = (torch.pow(2.0, k.double()) / step).float().to(rows.device)[:, None]
+        q = torch.clamp(torch.round(rows / scale), qmin, qmax) * scale
+        errs.append((q - rows).pow(2).mean(dim=1))
+    return torch.stack(errs, dim=1)
+
+
+def shift_errors(err: torch.Tensor, old_top: torch.Tensor, new_top: torch.Tensor, fill) -> torch.Tensor:
+    """Re-index candidate errors from window ``old_top`` to ``new_top`` (per row).
+
+    Candidates new to the window take ``fill`` (the current errors), or the nearest old column when
+    ``fill`` is None.
+    """
+    n = err.shape[1]
+    idx = torch.arange(n, device=err.device)[None, :] + (new_top - old_top).long()[:, None]
+    gathered = err.gather(1, idx.clamp(0, n - 1))
+    if fill is None:
+        return gathered
+    return torch.where((idx >= 0) & (idx < n), gathered, fill)
+
+
+# device type -> the half dtypes whose builtin fake-quant kernels work there (probe_half_kernels).
+_HALF_KERNELS: dict[str, frozenset] = {}
+
+
+def probe_half_kernels(device: torch.device | str) -> frozenset:
+    """Which of bf16/fp16 this torch build can fake-quantize natively on ``device``'s type, tried once on
+    a tiny tensor and remembered for the process. Called when a model is prepared or moved, never inside
+    a forward; a device never probed fake-quantizes half tensors through float32 (same values)."""
+    kind = torch.device(device).type
+    if kind not in _HALF_KERNELS:
+        working = set()
+        for dtype in (torch.bfloat16, torch.float16):
+            x = torch.zeros(2, 2, dtype=dtype, device=kind)
+            one, zero = torch.ones(2, device=kind), torch.zeros(2, dtype=torch.int32, device=kind)
+            try:
+                torch.fake_quantize_per_tensor_affine(x, one[:1], zero[:1], 0, 255)
+                torch.fake_quantize_per_channel_affine(x, one, zero, 0, 0, 255)
+            except RuntimeError:
+                continue
+            working.add(dtype)
+        _HALF_KERNELS[kind] = frozenset(working)
+    return _HALF_KERNELS[kind]
+
+
+def has_half_kernel(x: torch.Tensor) -> bool:
+    """Whether to fake-quantize the autocast (bf16/fp16) tensor ``x`` in its own dtype. The result is the
+    same as going through float32: with a power-of-2 scale, x / s and q * s are exact, and every 8-bit
+    grid value q * s (|q| <= 255) is representable in bf16 and fp16; it saves two casts (a full read
+    and write of the activation each, forward and backward)."""
+    return x.dtype in _HALF_KERNELS.get(x.device.type, ())
 
 
 class PerTensorFakeQuantCPU(torch.autograd.Function):
     """torch.fake_quantize_per_tensor_affine (zero point 0) from vectorised elementwise ops: the same
     values, NaN mapping and straight-through mask, about twice as fast as the builtin CPU kernel,
-    which quantizes one element at a time. CUDA keeps the builtin fused kernel."""
+    which quantizes one element at a time. CUDA keeps the builtin fused kernel.
+
+    Six passes forward (scale, round, clamp, compare, NaN, rescale) and one backward: a value was
+    clipped exactly when clamping changed it (NaN != NaN counts as clipped, as in the builtin mask)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-        q = torch.round(x * scale.reciprocal())  # exact: the scale is a power of two
-        inside = (q >= qmin) & (q <= qmax)
-        ctx.save_for_backward(inside)
-        return q.nan_to_num_(nan=qmin).clamp_(qmin, qmax).mul_(scale)  # NaN -> qmin, as the builtin
+        q = torch.mul(x, scale.reciprocal()).round_()  # exact: the scale is a power of two
+        out = q.clamp(qmin, qmax)
+        ctx.save_for_backward(out != q)
+        return out.nan_to_num_(nan=qmin).mul_(scale)  # NaN -> qmin, as the builtin
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (inside,) = ctx.saved_tensors
-        return grad * inside, None, None, None
+        (clipped,) = ctx.saved_tensors
+        return grad.masked_fill(clipped, 0), None, None, None
 
 
 def _round_ste(t: torch.Tensor) -> torch.Tensor:

@@ -55,17 +55,13 @@ def _quantizing(q: Optional[nn.Module]) -> bool:
     return q is not None and q.emits_int()
 
 
-def _scale(q: nn.Module) -> torch.Tensor:
-    return q.cached_scale() if hasattr(q, "cached_scale") else q.scale()
-
-
 def quantize_bias(bias: Optional[torch.Tensor], in_q: Optional[nn.Module], w_q: nn.Module) -> Optional[torch.Tensor]:
     """The bias on the int32 grid ``s_in * s_w`` (round half to even, straight-through gradient): what
     the integer model adds to its int32 accumulator and what the QDQ export stores. Float when the
     input or the weight is not quantized."""
     if bias is None or not (_quantizing(in_q) and _quantizing(w_q)):
         return bias
-    step = (_scale(in_q).to(bias) * _scale(w_q).to(bias)).reshape(-1)
+    step = (in_q.scale().to(bias) * w_q.scale().to(bias)).reshape(-1)
     return bias + (torch.round(bias / step) * step - bias).detach()
 
 

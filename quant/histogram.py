@@ -20,6 +20,7 @@ Example::
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -85,13 +86,37 @@ def add_to_histogram(hist: torch.Tensor, top: Optional[int], x: torch.Tensor,
         top = need
     elif need > top:
         hist, top = widen(hist, need - top), need
-    bins = hist.shape[1]
-    # Bin index floor(|x| * bins / 2**top): a multiplication by a power of two and a floor, both exact,
-    # so a value lands in the same bin whatever range it is binned at (widening stays exact).
+    return hist + _counts(xf, lo, top, hist.shape[1]).to(hist.dtype), top
+
+
+# torch.histc counts in the input's dtype (float32): exact up to 2**24 per bin, so bigger tensors go in chunks.
+_HISTC_CHUNK = 2 ** 24
+
+
+def _counts(xf: torch.Tensor, lo: float, top: int, bins: int) -> torch.Tensor:
+    """(2, bins) float64 counts of the finite float32 values ``xf`` (all within 2**top in magnitude,
+    none below ``lo``): row 0 the magnitudes of values >= 0 (-0.0 included), row 1 those of negative values.
+
+    The bin of v is floor(|v| * bins / 2**top): a multiplication by a power of two and a floor, both
+    exact, so a value lands in the same bin whatever range it is binned at (widening stays exact)."""
+    if xf.device.type == "cpu" and lo >= 0:  # (histc on CUDA is not deterministic)
+        return histc_counts(xf, top, bins)
+    return bincount_counts(xf, top, bins)
+
+
+def histc_counts(xf: torch.Tensor, top: int, bins: int) -> torch.Tensor:
+    """:func:`_counts` of non-negative values by torch.histc, which computes exactly that bin index in one
+    pass (no index tensor): about 2x faster than bincount on the CPU. (For signed values two passes and
+    the zeros' correction cost more than bincount.)"""
+    positive = sum(torch.histc(chunk, bins, 0.0, 2.0 ** top).double() for chunk in xf.split(_HISTC_CHUNK))
+    return torch.stack([positive, torch.zeros_like(positive)])
+
+
+def bincount_counts(xf: torch.Tensor, top: int, bins: int) -> torch.Tensor:
+    """:func:`_counts` by bincount over computed bin indices."""
     index = (xf.abs() * (bins / 2.0 ** top)).floor_().clamp_(max=bins - 1).long()
     index += (xf < 0).long() * bins  # row 1: negative values
-    hist += torch.bincount(index, minlength=2 * bins).reshape(2, bins).to(hist.dtype)
-    return hist, top
+    return torch.bincount(index, minlength=2 * bins).reshape(2, bins).double()
 
 
 def bin_centres(top: int, bins: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -100,22 +125,35 @@ def bin_centres(top: int, bins: int, device: torch.device | str = "cpu") -> torc
     return (torch.arange(bins, dtype=torch.float64, device=device) + 0.5) * width
 
 
+@functools.lru_cache(maxsize=64)
+def _unit_bin_errors(offset: int, bins: int, bits: int, signed: bool, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared error of each bin centre of the range [0, 1] (top 0) quantized with exponent ``offset``,
+    as a non-negative value (row 0) and as a negative one (row 1). For a range 2**top and exponent
+    top + offset every centre, step and error scale by an exact power of two, so one table per offset
+    serves every range."""
+    centres = bin_centres(0, bins, device)
+    step = 2.0 ** (offset - (bits - int(signed)))
+    pos_max = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
+    neg_max = 2 ** (bits - 1) if signed else 0  # an unsigned quantizer maps every negative value to 0
+    levels = torch.round(centres / step)
+    err_pos = (centres - levels.clamp(max=pos_max) * step).pow(2)
+    err_neg = (centres - levels.clamp(max=neg_max) * step).pow(2)
+    return err_pos, err_neg
+
+
 def candidate_errors(hist: torch.Tensor, top: int, exponents: Sequence[int], bits: int, signed: bool) -> torch.Tensor:
     """Mean squared fake-quant error of the histogrammed values for each exponent k in ``exponents``
-    (scale ``2**k / 2**(bits - signed)``, zero point 0), each bin taken at its centre."""
+    (scale ``2**k / 2**(bits - signed)``, zero point 0), each bin taken at its centre.
+
+    The per-bin errors come from :func:`_unit_bin_errors` scaled by 4**top: scaling by a power of two
+    is exact, so the result is bit for bit what computing them at 2**top gives (tests check it)."""
     total = float(hist.sum())
     if total == 0.0:
         return torch.zeros(len(exponents), dtype=torch.float64)
-    centres = bin_centres(top, hist.shape[1], hist.device)
-    pos_max = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
-    neg_max = 2 ** (bits - 1) if signed else 0  # an unsigned quantizer maps every negative value to 0
     errors = []
     for k in exponents:
-        step = 2.0 ** (k - (bits - int(signed)))
-        levels = torch.round(centres / step)
-        err_pos = (centres - levels.clamp(max=pos_max) * step).pow(2)
-        err_neg = (centres - levels.clamp(max=neg_max) * step).pow(2)
-        errors.append(float((hist[0] * err_pos + hist[1] * err_neg).sum()) / total)
+        err_pos, err_neg = _unit_bin_errors(int(k) - top, hist.shape[1], bits, bool(signed), str(hist.device))
+        errors.append(float((hist[0] * err_pos + hist[1] * err_neg).sum()) * 4.0 ** top / total)
     return torch.tensor(errors, dtype=torch.float64)
 
 

@@ -41,12 +41,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
-import torch.distributed as dist
 import torch.fx as fx
 from torch import nn
 
 from quant.config import QuantConfig, QuantSpec
 from quant.fake_quant import Pow2FakeQuantize
+from quant.fq_ops import probe_half_kernels
 from quant.fused import QATConv, QATConvBnAct
 from quant.graph import (Chain, activation_kind, find_alignment_groups, find_conv_bn_act, group_of,
                          input_quantizer_of, is_pass_through, leaf_conv_inputs, merge_groups, owner_name,
@@ -125,6 +125,15 @@ class PreparedModel(fx.GraphModule):
             if not key.startswith("_") and key not in res.__dict__:
                 res.__dict__[key] = copy.deepcopy(value, memo)
         return res
+
+    def _apply(self, fn, *args, **kwargs):
+        """After a move (.to, .cuda, .half, ...) learn which half-precision fake-quant kernels the new
+        device has, once per device type: decided here, never by a failure inside forward."""
+        out = super()._apply(fn, *args, **kwargs)
+        param = next(self.parameters(), None)
+        if param is not None:
+            probe_half_kernels(param.device)
+        return out
 
 
 @dataclass
@@ -455,8 +464,7 @@ def prepare(model: nn.Module, example_inputs: Union[torch.Tensor, tuple], config
     quant_of = _insert_act_quantizers(ctx)
     prepared = _build_module(ctx, model, _build_plan(ctx, order, quant_of))
     prepared.quant_config, prepared.example_shape = config, tuple(inputs[0].shape)
-    if param is not None:
-        prepared.to(param.device)
+    prepared.to(param.device if param is not None else "cpu")  # (also learns that device's kernels)
     prepared.train(model.training)
     prepared.register_forward_pre_hook(begin_observation_step)
     link_input_quantizers(prepared)
@@ -488,17 +496,10 @@ def link_input_quantizers(gm: fx.GraphModule) -> None:
 def begin_observation_step(module: nn.Module, _args) -> None:
     """Forward pre-hook of a prepared model: each forward is one observation step for every
     quantizer (shared quantizers merge the ranges of all their tensors before averaging).
-    A module-level function, not a closure, so deep copies (EMA) hook their own quantizers.
-
-    Under DDP the hook runs after DDP copied rank 0's buffers into this rank's model, which does
-    not bump version counters, so cached scales are dropped there (flags change the same way on
-    every rank, so their host copies stay true)."""
-    broadcast = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    A module-level function, not a closure, so deep copies (EMA) hook their own quantizers."""
     for m in module.modules():
         if isinstance(m, Pow2FakeQuantize):
             m.begin_step()
-            if broadcast:
-                m.forget_cached_scale()
 
 
 def check_rules_match(config: QuantConfig, model: nn.Module,

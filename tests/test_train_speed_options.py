@@ -98,10 +98,12 @@ def test_multi_tensor_ema_rounds_like_the_loop():
     assert int(got["model.0.bn.num_batches_tracked"]) == 7
 
 
-def test_compile_wraps_only_the_training_forward(tmp_path, data_yaml, monkeypatch):
+def _fake_compiler(monkeypatch) -> list:
+    """Replace torch.compile by a wrapper that counts calls (the real compiler takes minutes on a 2-core
+    CPU; the wiring is what is tested); returns the list the wrappers are appended to."""
     wrappers = []
 
-    def fake_compile(module):  # the real compiler takes minutes on a 2-core CPU; the wiring is what is tested
+    def fake_compile(module):
         def forward(*args, **kwargs):
             forward.calls += 1
             return module(*args, **kwargs)
@@ -110,6 +112,11 @@ def test_compile_wraps_only_the_training_forward(tmp_path, data_yaml, monkeypatc
         return forward
 
     monkeypatch.setattr(torch, "compile", fake_compile)
+    return wrappers
+
+
+def test_compile_wraps_only_the_training_forward(tmp_path, data_yaml, monkeypatch):
+    wrappers = _fake_compiler(monkeypatch)
     train.run(**BASE, data=str(data_yaml), project=str(tmp_path), name="c", compile=True)
     assert len(wrappers) == 1 and isinstance(wrappers[0].module, DetectionModel)
     assert wrappers[0].calls == 2  # 8 images at batch 4: every training step went through it
@@ -136,6 +143,18 @@ def test_cuda_runs_autotune_unless_deterministic(monkeypatch):
         torch.use_deterministic_algorithms(before, warn_only=True)
 
 
-def test_compile_is_refused_for_qat(tmp_path, data_yaml):
-    with pytest.raises(ValueError, match="--compile is not supported with --qat"):
-        train.run(**BASE, data=str(data_yaml), project=str(tmp_path), name="q", compile=True, qat=True)
+def test_qat_compiles_the_forward_of_each_phase_once(tmp_path, data_yaml, monkeypatch):
+    """--compile --qat: the full prepared graph while observers run, then the frozen view (one compiled
+    wrapper each, kept across steps); checkpoints hold the plain prepared model."""
+    from quant.prepare import PreparedModel
+
+    float_run = tmp_path / "f"
+    train.run(**BASE, data=str(data_yaml), project=str(tmp_path), name="f")
+    wrappers = _fake_compiler(monkeypatch)
+    qat = dict(BASE, epochs=2, weights=str(float_run / "weights" / "last.pt"))
+    train.run(**qat, data=str(data_yaml), project=str(tmp_path), name="q", compile=True, qat=True,
+              qat_observer_epochs=1.0, qat_calib_images=0)
+    assert len(wrappers) == 2 and isinstance(wrappers[0].module, PreparedModel)
+    assert "FrozenView" in type(wrappers[1].module).__name__
+    assert [w.calls for w in wrappers] == [2, 2]  # epoch 0 observes on the full graph, epoch 1 runs the view
+    assert "weight_fake_quant.exponent" in " ".join(_weights(tmp_path / "q"))

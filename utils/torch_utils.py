@@ -205,6 +205,7 @@ class ModelEMA:
             torch._foreach_add_(averaged, torch._foreach_mul(sources, 1 - d))
         if copies:
             torch._foreach_copy_(copies, originals)
+        _copy_host_states(de_parallel(model), self.ema)
 
     def _rebuild(self, model: nn.Module, old: dict) -> None:
         """Re-copy the model's structure, keeping averaged values for entries that still match."""
@@ -255,6 +256,15 @@ def _copied_state_keys(model: nn.Module) -> frozenset:
             prefix = f"{name}." if name else ""
             keys.update(prefix + k for k in module.state_dict())
     return frozenset(keys)
+
+
+def _copy_host_states(source: nn.Module, target: nn.Module) -> None:
+    """After copying state between two models of the same structure, let every module that keeps Python
+    copies of its buffers (QAT quantizers: ``copy_host_state``) take its twin's, without a device read."""
+    twins = dict(source.named_modules(remove_duplicate=False))
+    for name, module in target.named_modules(remove_duplicate=False):
+        if hasattr(module, "copy_host_state") and name in twins:
+            module.copy_host_state(twins[name])
 
 
 def smart_optimizer(model: nn.Module, name: str = "SGD", lr: float = 0.01, momentum: float = 0.9,

@@ -128,14 +128,20 @@ class Trainer:
         self.model = self._wrap_ddp(model)
         # the gradient-norm clip covers the network's parameters; trained thresholds are Adam's (own scale)
         self.clip_params = [p for n, p in self.model.named_parameters() if not is_threshold_parameter(n)]
+        self._compiled_forwards: dict[int, nn.Module] = {}
         self.train_forward = self._compiled(self.model) if opt.compile else self.model
         self._attach_attributes()
 
     def _compiled(self, model: nn.Module) -> nn.Module:
         """torch.compile'd forward for training steps only; EMA, checkpoints and validation keep using
-        the plain module, so nothing saved depends on the compiler."""
-        LOGGER.info(colorstr("compile: ") + "torch.compile on the training forward; the first steps compile")
-        return torch.compile(model)
+        the plain module, so nothing saved depends on the compiler. One compiled wrapper per module (QAT
+        switches to the frozen view); a QAT phase change recompiles once (quantizer flags are Python state)."""
+        compiled = self._compiled_forwards.get(id(model))
+        if compiled is None:
+            if not self._compiled_forwards:
+                LOGGER.info(colorstr("compile: ") + "torch.compile on the training forward; the first steps compile")
+            compiled = self._compiled_forwards[id(model)] = torch.compile(model)
+        return compiled
 
     def _prepare_qat(self, model: nn.Module, record: CheckpointRecord | None) -> nn.Module:
         """Swap in the fake-quantized model (utils.qat_training). AMP under QAT: autocast runs in bfloat16
@@ -313,13 +319,14 @@ class Trainer:
         re-quantizations that are identities then (quant.frozen_view: the same values and gradients,
         about a fifth fewer activation values fake-quantized). DDP's wrapper has to run every forward,
         so under DDP the full graph stays."""
-        if self.rank != -1 or self.qat_schedule.observers:
-            return self.model
-        if self.frozen_view is None:
-            from quant.frozen_view import frozen_view
+        forward = self.model
+        if self.rank == -1 and not self.qat_schedule.observers:
+            if self.frozen_view is None:
+                from quant.frozen_view import frozen_view
 
-            self.frozen_view = frozen_view(model)
-        return self.frozen_view
+                self.frozen_view = frozen_view(model)
+            forward = self.frozen_view
+        return self._compiled(forward) if self.cfg.compile else forward
 
     def _seed_loader(self, epoch: int) -> None:
         """DDP shuffles by epoch; otherwise one generator runs through all epochs (upstream's order)."""

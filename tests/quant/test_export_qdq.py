@@ -245,6 +245,7 @@ def test_emits_int_is_the_one_predicate_export_and_bias_rounding_use():
     assert not q8.emits_int()  # not calibrated yet
     for q in (q8, q16):
         q.calibrated.fill_(1)
+        q.refresh_host_state()  # a flag buffer written directly: forward's Python copy is told
     assert q8.emits_int() and exportable(q8) and not q16.emits_int() and not exportable(q16)
     q8.enable_fake_quant(False)
     assert not q8.emits_int()

@@ -1,14 +1,15 @@
 """Autocast activations (bf16/fp16) are fake-quantized in their own dtype: values, gradients and observed
-ranges equal the float32 route exactly, and a build without the kernel falls back to float32 once."""
+ranges equal the float32 route exactly; a build without the kernel is found out by a probe when the model is
+prepared or moved, and then goes through float32 (never by catching a failure inside forward)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-import quant.fake_quant as fq_mod
+import quant.fq_ops as fq_ops
 from quant.config import QuantSpec
 from quant.fake_quant import Pow2FakeQuantize
-from quant.fq_ops import PerTensorFakeQuantCPU
+from quant.fq_ops import PerTensorFakeQuantCPU, has_half_kernel, probe_half_kernels
 
 
 def _quantizer(signed: bool, bits: int = 8) -> Pow2FakeQuantize:
@@ -25,10 +26,11 @@ def test_reduced_precision_matches_float32_route(dtype, signed):
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(4, 8, 16, 16, generator=gen) * 4).to(dtype)  # includes values beyond the 8.0 range
     x = x.contiguous(memory_format=torch.channels_last)
+    probe_half_kernels("cpu")
     a = x.clone().requires_grad_(True)
     b = x.clone().requires_grad_(True)
     native = q(a)
-    via_float = q._fake_quant_op(b.float(), q.scale(), torch.zeros(1, dtype=torch.int32)).to(dtype)
+    via_float = q._fake_quant_op(b.float(), q.scale()).to(dtype)
     assert native.dtype == dtype and torch.equal(native, via_float)
     g = torch.randn(x.shape, generator=gen).to(dtype)
     native.backward(g)
@@ -49,7 +51,7 @@ def test_observed_range_is_the_same_in_every_dtype():
     assert torch.equal(ranges[0][2], ranges[1][2])
 
 
-def test_missing_kernel_falls_back_to_float32_once(monkeypatch):
+def test_missing_kernel_is_probed_once_and_forward_goes_through_float32(monkeypatch):
     q = _quantizer(signed=True)
     real = torch.fake_quantize_per_tensor_affine
     calls = []
@@ -61,12 +63,26 @@ def test_missing_kernel_falls_back_to_float32_once(monkeypatch):
         return real(x, *args)
 
     monkeypatch.setattr(torch, "fake_quantize_per_tensor_affine", no_bf16)
-    monkeypatch.setattr(fq_mod, "_NO_NATIVE_KERNEL", set())
+    monkeypatch.setattr(fq_ops, "_HALF_KERNELS", {})
+    assert torch.bfloat16 not in probe_half_kernels("cpu")
+    assert torch.float16 in probe_half_kernels("cpu")  # remembered: no second probe
+    assert calls == [torch.bfloat16, torch.float16]
     x = torch.randn(64).to(torch.bfloat16)
+    assert not has_half_kernel(x)
     first, second = q(x), q(x)
     assert first.dtype == second.dtype == torch.bfloat16 and torch.equal(first, second)
-    assert calls == [torch.bfloat16]  # tried once, then remembered (float32 on a CPU: our own kernel)
-    assert fq_mod._NO_NATIVE_KERNEL == {("cpu", torch.bfloat16)}
+    assert torch.equal(first, q(x.float()).to(torch.bfloat16))
+    assert calls == [torch.bfloat16, torch.float16]  # forward never tried the missing kernel
+
+
+def test_preparing_a_model_probes_its_device():
+    from quant.config import QuantConfig
+    from quant.prepare import prepare
+    from tests.tiny_nets import AddConcatNet
+
+    fq_ops._HALF_KERNELS.pop("cpu", None)
+    prepare(AddConcatNet(pool=True), (torch.rand(1, 3, 16, 16),), QuantConfig.from_dict({}))
+    assert "cpu" in fq_ops._HALF_KERNELS
 
 
 @pytest.mark.parametrize("qmin,qmax,k", [(-128, 127, -5), (0, 255, -6), (-8, 7, -1)])

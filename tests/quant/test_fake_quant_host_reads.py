@@ -1,6 +1,6 @@
-"""Pow2FakeQuantize keeps its flags and scales on the host side between changes: a QAT training step
-reads no device value back (on a GPU each read is a stall), yet every way the buffers change —
-load_state_dict, EMA copies, deepcopy, fill_ — is seen at the next forward."""
+"""Pow2FakeQuantize keeps Python copies of its flags: a QAT training step reads no device value back (on a
+GPU each read is a stall), yet every way the state changes — load_state_dict, EMA copies, deepcopy, the
+enable methods, an in-place write of the exponent, DDP's buffer broadcast — is seen at the next forward."""
 from __future__ import annotations
 
 import copy
@@ -70,17 +70,17 @@ def test_training_steps_read_nothing_back(monkeypatch, rounding, observer):
     assert reads.count == 0
 
 
-def test_frozen_quantizer_reuses_its_scale():
+def test_in_place_exponent_writes_are_used_at_once():
     fq = Pow2FakeQuantize(QuantSpec(bits=8), signed=True)
     fq.train()
-    fq(torch.randn(64))
+    x = torch.randn(64)
+    fq(x)
     fq.enable_observer(False)
-    first = fq.cached_scale()
-    fq(torch.randn(64) * 100)
-    assert fq.cached_scale() is first  # exponent untouched: no recomputation
+    first = fq.scale()
     with torch.no_grad():
-        fq.exponent.add_(1)  # any in-place change is noticed
-    assert torch.equal(fq.cached_scale(), first * 2)
+        fq.exponent.data.add_(1)  # .data: no version bump, as DDP's broadcast writes
+    assert torch.equal(fq.scale(), first * 2)
+    assert torch.equal(fq(x), torch.fake_quantize_per_tensor_affine(x, float(first * 2), 0, -128, 127))
 
 
 def test_state_changes_are_seen_after_caching():
@@ -143,7 +143,7 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
         model.fq.enable_observer(False)
         x = torch.randn(8, 4)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
-        model(x)  # the scale is cached on every rank
+        model(x)
         if rank == 0:
             with torch.no_grad():
                 model.fq.exponent.add_(3)  # rank 0 moves on; DDP copies it over before the next forward
@@ -154,8 +154,8 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def test_ddp_broadcast_exponent_is_used(tmp_path):
-    """DDP copies rank 0's exponent into the other ranks without bumping the version counter; the
-    pre-hook drops the cached scale so every rank quantizes with the broadcast exponent."""
+    """DDP copies rank 0's exponent into the other ranks without bumping the version counter; the scale
+    is computed from the exponent at each call, so every rank quantizes with the broadcast exponent."""
     import torch.multiprocessing as mp
 
     mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)

@@ -8,8 +8,8 @@ from torch import nn
 from quant.calibrate import calibrate
 from quant.config import QuantConfig, QuantSpec
 from quant.fake_quant import Pow2FakeQuantize
-from quant.histogram import (HIST_BINS, add_to_histogram, candidate_errors, empty_histogram, percentile_bound,
-                             widen)
+from quant.histogram import (HIST_BINS, add_to_histogram, bin_centres, bincount_counts, candidate_errors,
+                             empty_histogram, histc_counts, percentile_bound, widen)
 from quant.prepare import prepare
 from quant.schedule import iter_quantizers
 
@@ -43,6 +43,44 @@ def test_candidate_errors_match_the_tensor():
     true = _brute_force_errors(x, exps, bits=8, signed=True)
     assert int(torch.argmin(est)) == int(torch.argmin(true))
     assert torch.allclose(est, true, rtol=0.05)
+
+
+def _errors_at_scale(hist: torch.Tensor, top: int, exponents, bits: int, signed: bool) -> torch.Tensor:
+    """candidate_errors computed directly at the range 2**top (no table reuse), as it was first written."""
+    total = float(hist.sum())
+    centres = bin_centres(top, hist.shape[1])
+    pos_max = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
+    neg_max = 2 ** (bits - 1) if signed else 0
+    out = []
+    for k in exponents:
+        step = 2.0 ** (k - (bits - int(signed)))
+        levels = torch.round(centres / step)
+        err_pos = (centres - levels.clamp(max=pos_max) * step).pow(2)
+        err_neg = (centres - levels.clamp(max=neg_max) * step).pow(2)
+        out.append(float((hist[0] * err_pos + hist[1] * err_neg).sum()) / total)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("scale,bits,signed", [(1e-3, 8, True), (3.0, 8, False), (700.0, 4, True), (2e-9, 8, False)])
+def test_candidate_errors_from_unit_tables_are_bit_exact(scale, bits, signed):
+    x = torch.randn(30000, generator=torch.Generator().manual_seed(5)) * scale
+    x = x if signed else x.abs()
+    hist, top = add_to_histogram(empty_histogram(), None, x)
+    exps = list(range(top - 6, top + 2))
+    assert torch.equal(candidate_errors(hist, top, exps, bits, signed), _errors_at_scale(hist, top, exps, bits, signed))
+
+
+def test_histc_counts_equal_bincount_counts_on_bin_edges():
+    gen = torch.Generator().manual_seed(6)
+    top = 3
+    edge = 2.0 ** top
+    width = edge / HIST_BINS
+    x = torch.cat([torch.randn(50000, generator=gen).clamp(-edge, edge), torch.randn(2000, generator=gen).half().float(),
+                   torch.tensor([edge, 0.0, -0.0, width, 3 * width, edge - width / 2, edge / 2])]).abs()
+    x[:7] = torch.tensor([0.0, -0.0, -0.0, edge, edge, width, width])  # abs() would turn -0.0 into 0.0
+    counts = histc_counts(x, top, HIST_BINS)
+    assert torch.equal(counts, bincount_counts(x, top, HIST_BINS))
+    assert float(counts.sum()) == x.numel()
 
 
 def test_mse_exponent_picks_the_known_optimum_not_the_max():
