@@ -15,9 +15,8 @@ clipping, SGD) on one random batch, for the phases of a QAT run (quant.schedule)
 - QAT, observers frozen, BN batch statistics: until --qat-freeze-bn-epoch;
 - QAT, observers and BN frozen: the rest of the run;
 - the same on the full prepared graph: what the trainer ran before quant.frozen_view.
-Each QAT phase runs the forward the trainer runs in it. ``--compile`` (default on) adds the float step
-under torch.compile (its first steps compile, untimed); QAT steps are refused there, as train.py
-refuses ``--compile --qat``.
+Each QAT phase runs the forward the trainer runs in it. ``--compile`` (default on) adds every step under
+torch.compile, as ``train.py --compile`` runs it (the first steps of each phase compile, untimed).
 
 Inference: ``--onnx-weights`` rebuilt with ReLU and its calibrated QAT twin, exported as FP32 and INT8
 QDQ ONNX (bench.int8_latency.build_pair), timed in onnxruntime on the CPU in interleaved blocks.
@@ -43,7 +42,6 @@ SHARED = Path(os.environ.get("YQ_SHARED", ROOT.parent / "shared"))
 LOGGER = logging.getLogger("bench.qat_speed")
 
 NC = 80  # classes of the random training batch (COCO's, as the model yamls)
-QAT_COMPILE = "refused"  # train.py refuses --compile with --qat; a QAT step is not compiled here either
 PHASES = {  # name -> (label, observers on, BN frozen, forward: 'view' (what the trainer runs) or 'full')
     "qat_observe": ("QAT, observers on (BN batch statistics)", True, False, "full"),
     "qat_frozen_observers": ("QAT, observers frozen, BN batch statistics", False, False, "view"),
@@ -104,9 +102,9 @@ def _train_variants(opt: dict, device: torch.device) -> tuple[list[Variant], lis
     def uses(step: TrainStep, forward: Callable) -> Callable[[], None]:
         return lambda: setattr(step, "forward", forward)
 
-    def phase(observers: bool, bn_frozen: bool, forward: str) -> Callable[[], None]:
+    def phase(observers: bool, bn_frozen: bool, forward: str, using: dict = forwards) -> Callable[[], None]:
         return lambda: (set_observers(prepared, observers), set_bn_frozen(prepared, bn_frozen),
-                        setattr(qat_step, "forward", forwards[forward]))
+                        setattr(qat_step, "forward", using[forward]))
 
     def run_step(step: TrainStep) -> Callable[[], Any]:
         return lambda: step(imgs, targets)
@@ -116,9 +114,14 @@ def _train_variants(opt: dict, device: torch.device) -> tuple[list[Variant], lis
     compiled = []
     if opt["compile"]:
         compiled.append(Variant("float", "float", run_step(float_step), uses(float_step, torch.compile(model))))
-        compiled[0].setup()
-        for _ in range(max(opt["warmup"], 2)):  # the first forward and backward compile
-            float_step(imgs, targets)
+        compiled_forwards = {name: torch.compile(module) for name, module in forwards.items()}
+        compiled += [Variant(name, label, run_step(qat_step), phase(*flags, using=compiled_forwards))
+                     for name, (label, *flags) in PHASES.items()]
+        for variant in compiled:
+            variant.setup()
+            step = float_step if variant.name == "float" else qat_step
+            for _ in range(max(opt["warmup"], 2)):  # the first forwards and backwards compile (untimed)
+                step(imgs, targets)
     return eager, compiled
 
 
@@ -150,7 +153,7 @@ def _onnx_rows(opt: dict) -> list[dict]:
 
 
 def _rows(eager: list[Variant], compiled: list[Variant]) -> dict[str, dict]:
-    """Median ms and ratio to float per variant, eager and compiled ('refused' where QAT cannot compile)."""
+    """Median ms and ratio to float per variant, eager and compiled."""
     base = eager[0].median_ms
     comp = {v.name: v for v in compiled}
     base_c = comp["float"].median_ms if "float" in comp else None
@@ -158,9 +161,10 @@ def _rows(eager: list[Variant], compiled: list[Variant]) -> dict[str, dict]:
     for v in eager:
         row = {"label": v.label, "steps": len(v.times), "eager_ms": v.median_ms, "eager_over_float": v.median_ms / base}
         if base_c is not None:
-            c = comp.get(v.name)
-            row["compiled_ms"] = c.median_ms if c else QAT_COMPILE
-            row["compiled_over_float"] = c.median_ms / base_c if c else QAT_COMPILE
+            c = comp[v.name]
+            row["compiled_ms"] = c.median_ms
+            row["compiled_over_float"] = c.median_ms / base_c
+            row["compiled_over_eager"] = c.median_ms / v.median_ms
         rows[v.name] = row
     return rows
 
@@ -169,13 +173,12 @@ def format_table(result: dict) -> str:
     c = result["config"]
     lines = [f"qat_speed: {c['cfg']} act={c['act']} imgsz={c['imgsz']} batch={c['batch_size']} device={c['device']} "
              f"({c['device_name']}) torch {c['torch']}; {c['rounds']} interleaved rounds x {c['steps']} steps, medians",
-             f"{'training step':<46}{'eager ms':>10}{'x float':>9}{'compiled ms':>13}{'x float':>9}"]
+             f"{'training step':<46}{'eager ms':>10}{'x float':>9}{'compiled ms':>13}{'x float':>9}{'x eager':>9}"]
     for row in result["steps"].values():
-        comp = row.get("compiled_ms", "n/a")
-        ratio = row.get("compiled_over_float", "n/a")
-        comp = f"{comp:.1f}" if isinstance(comp, float) else comp
-        ratio = f"{ratio:.2f}" if isinstance(ratio, float) else "n/a"
-        lines.append(f"{row['label']:<46}{row['eager_ms']:>10.1f}{row['eager_over_float']:>9.2f}{comp:>13}{ratio:>9}")
+        line = f"{row['label']:<46}{row['eager_ms']:>10.1f}{row['eager_over_float']:>9.2f}"
+        if "compiled_ms" in row:
+            line += f"{row['compiled_ms']:>13.1f}{row['compiled_over_float']:>9.2f}{row['compiled_over_eager']:>9.2f}"
+        lines.append(line)
     for row in result.get("onnx", []):
         lines.append(f"onnxruntime CPU, batch 1, {row['imgsz']} px: FP32 {row['fp32_median_ms']:.1f} ms, INT8 QDQ "
                      f"{row['int8_median_ms']:.1f} ms, INT8/FP32 x{row['int8_over_fp32']:.2f} ({row['runs']} runs each)")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quant.fake_quant import Pow2FakeQuantize
-from quant.fused import QATConv
+from quant.fused import QATConv, QATConvBnAct
 
 __all__ = ["QuantTracer", "trace", "Chain", "find_conv_bn_act", "Group", "find_alignment_groups",
            "group_of", "merge_groups", "resolve_producer", "is_pass_through", "is_add", "is_concat", "owner_name",
@@ -336,3 +336,18 @@ def find_alignment_groups(gm: fx.GraphModule) -> list[Group]:
     groups = [g for g in (group_of(gm, n) for n in gm.graph.nodes) if g is not None]
     ids = merge_groups(groups, order=[n.name for n in gm.graph.nodes])
     return [Group(g.kind, g.inputs, g.output, ids[g.inputs[0]]) for g in groups]
+
+
+def link_input_quantizers(gm: fx.GraphModule) -> None:
+    """Tell every quantized conv which quantizer feeds it, so its bias can sit on the int32 grid
+    s_in * s_w as in the integer model. A leaf module (detection head) called with N tensors applies
+    its i-th QATConv to the i-th tensor (the convention quant.integer_ref and the export share)."""
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(str(node.target))
+        if isinstance(module, QATConvBnAct):
+            module.link_input_quantizer(input_quantizer_of(gm, node.args[0]))
+        elif not isinstance(module, QATConv) and any(isinstance(m, QATConv) for m in module.modules()):
+            for _, conv, arg in leaf_conv_inputs(gm, node):
+                conv.link_input_quantizer(input_quantizer_of(gm, arg))

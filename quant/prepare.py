@@ -32,7 +32,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import difflib
 import inspect
 import logging
 import re
@@ -49,65 +48,16 @@ from quant.fake_quant import Pow2FakeQuantize
 from quant.fq_ops import probe_half_kernels
 from quant.fused import QATConv, QATConvBnAct
 from quant.graph import (Chain, activation_kind, find_alignment_groups, find_conv_bn_act, group_of,
-                         input_quantizer_of, is_pass_through, leaf_conv_inputs, merge_groups, owner_name,
-                         resolve_producer, set_submodule, trace)
+                         is_pass_through, link_input_quantizers, merge_groups, owner_name, resolve_producer,
+                         set_submodule, trace)
 from quant.graphviz import write_graphviz
+from quant.plan import PlanEntry, QuantPlan, check_rules_match, float_module_entries
+from quant.schedule import begin_observation_step
 
 __all__ = ["ACT_QUANT", "PlanEntry", "QuantPlan", "PreparedModel", "check_rules_match", "prepare"]
 
 LOGGER = logging.getLogger(__name__)
 ACT_QUANT = "act_quant"  # the ModuleDict holding every activation quantizer
-
-
-@dataclass
-class PlanEntry:
-    """One row of the plan: a fused conv, a head conv, an add/concat, the input, or a float op."""
-
-    name: str
-    kind: str  # 'input' | 'conv' | 'head_conv' | 'add' | 'concat' | 'pass' | 'float_op'
-    layer: Optional[int] = None
-    chain: str = ""
-    weight: Optional[QuantSpec] = None
-    activation: Optional[QuantSpec] = None
-    signed: Optional[bool] = None  # of the output quantizer
-    quantizer: str = ""  # module name of the output quantizer ('' when the output stays float)
-    group: Optional[int] = None  # id of the set of tensors sharing that quantizer (None: not shared)
-    float_reason: str = ""
-
-
-def _spec_text(spec: Optional[QuantSpec], signed: Optional[bool]) -> str:
-    if spec is None:
-        return "float"
-    text = f"{'int' if signed is not False else 'uint'}{spec.bits}{'/ch' if spec.per_channel else ''}"
-    return text + (f" 2^{spec.fixed_exponent}" if spec.fixed_exponent is not None else f" {spec.rounding}")
-
-
-class QuantPlan(list):
-    """The list of :class:`PlanEntry` rows, in graph order, with a printable :meth:`table`."""
-
-    HEADER = ("layer", "name", "kind", "fused", "weight", "output", "quantizer", "group", "note")
-
-    def cells(self) -> list[tuple[str, ...]]:
-        """Each entry as the texts of :attr:`HEADER`: layer, name, kind, fused chain, weight/output
-        dtypes, quantizer, group, and why it is float (or shared)."""
-        rows = []
-        for e in self:
-            weight = _spec_text(e.weight, e.weight.signed if e.weight else None) if e.weight else "-"
-            out = _spec_text(e.activation, e.signed) if e.quantizer else "float"
-            rows.append(("-" if e.layer is None else str(e.layer), e.name, e.kind, e.chain or "-", weight, out,
-                         e.quantizer or "-", "-" if e.group is None else str(e.group), e.float_reason))
-        return rows
-
-    def table(self) -> str:
-        """One line per entry (the texts of :meth:`cells`)."""
-        widths = (5, -24, -9, -13, -16, -14, -28, 5, 0)
-
-        def line(texts) -> str:
-            parts = [t.rjust(w) if w > 0 else t.ljust(-w) for t, w in zip(texts, widths)]
-            return (" ".join(parts[:1]) + "  " + " ".join(parts[1:8]) + "  " + parts[8]).rstrip()
-
-        head = line(self.HEADER)
-        return "\n".join([head, "-" * len(head)] + [line(row) for row in self.cells()])
 
 
 class PreparedModel(fx.GraphModule):
@@ -464,6 +414,7 @@ def prepare(model: nn.Module, example_inputs: Union[torch.Tensor, tuple], config
     quant_of = _insert_act_quantizers(ctx)
     prepared = _build_module(ctx, model, _build_plan(ctx, order, quant_of))
     prepared.quant_config, prepared.example_shape = config, tuple(inputs[0].shape)
+    prepared.plan.extend(float_module_entries(prepared, prepared.plan))
     prepared.to(param.device if param is not None else "cpu")  # (also learns that device's kernels)
     prepared.train(model.training)
     prepared.register_forward_pre_hook(begin_observation_step)
@@ -476,48 +427,6 @@ def prepare(model: nn.Module, example_inputs: Union[torch.Tensor, tuple], config
                                                                for e in prepared.plan),
                 len({id(m) for m in prepared.modules() if isinstance(m, Pow2FakeQuantize)}))
     return prepared
-
-
-def link_input_quantizers(gm: fx.GraphModule) -> None:
-    """Tell every quantized conv which quantizer feeds it, so its bias can sit on the int32 grid
-    s_in * s_w as in the integer model. A leaf module (detection head) called with N tensors applies
-    its i-th QATConv to the i-th tensor (the convention quant.integer_ref and the export share)."""
-    for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        module = gm.get_submodule(str(node.target))
-        if isinstance(module, QATConvBnAct):
-            module.link_input_quantizer(input_quantizer_of(gm, node.args[0]))
-        elif not isinstance(module, QATConv) and any(isinstance(m, QATConv) for m in module.modules()):
-            for _, conv, arg in leaf_conv_inputs(gm, node):
-                conv.link_input_quantizer(input_quantizer_of(gm, arg))
-
-
-def begin_observation_step(module: nn.Module, _args) -> None:
-    """Forward pre-hook of a prepared model: each forward is one observation step for every
-    quantizer (shared quantizers merge the ranges of all their tensors before averaging).
-    A module-level function, not a closure, so deep copies (EMA) hook their own quantizers."""
-    for m in module.modules():
-        if isinstance(m, Pow2FakeQuantize):
-            m.begin_step()
-
-
-def check_rules_match(config: QuantConfig, model: nn.Module,
-                      index_of: Callable[[str], Optional[int]] = lambda name: None) -> None:
-    """Raise ValueError for the first rule of ``config`` that matches no module of ``model``, naming near
-    matches: in a config a user wrote, such a rule is a typo until shown otherwise (a silently ignored
-    'float' rule would leave them believing a layer is float). Not part of :func:`prepare`, which also
-    rebuilds models from saved configs whose rules were written for another model."""
-    names = [n for n, _ in model.named_modules() if n]
-    unmatched = config.unmatched_rules(names, index_of)
-    if unmatched:
-        rule = unmatched[0]
-        near = difflib.get_close_matches(rule.pattern, names, n=4, cutoff=0.6)
-        layers = sorted({i for i in map(index_of, names) if i is not None})
-        hint = (f"near matches: {', '.join(near)}" if near else
-                f"layer indices here: {layers[0]}..{layers[-1]}" if rule.kind == "layer" and layers else
-                "module names look like " + ", ".join(names[:3]))
-        raise ValueError(f"quantization rule {rule.pattern!r} matches no layer of {type(model).__name__} ({hint})")
 
 
 @torch.no_grad()

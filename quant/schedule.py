@@ -14,18 +14,27 @@ from typing import Iterator
 
 import torch.nn as nn
 
+from quant.fake_quant import Pow2FakeQuantize
+
 LOGGER = logging.getLogger(__name__)
 
 
 def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(name, quantizer) for every distinct Pow2FakeQuantize in `model`; shared ones appear once."""
-    from quant.fake_quant import Pow2FakeQuantize
-
     seen: set[int] = set()
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, Pow2FakeQuantize) and id(module) not in seen:
             seen.add(id(module))
             yield name, module
+
+
+def begin_observation_step(module: nn.Module, _args) -> None:
+    """Forward pre-hook of a prepared model: each forward is one observation step for every
+    quantizer (shared quantizers merge the ranges of all their tensors before averaging).
+    A module-level function, not a closure, so deep copies (EMA) hook their own quantizers."""
+    for m in module.modules():
+        if isinstance(m, Pow2FakeQuantize):
+            m.begin_step()
 
 
 def set_observers(model: nn.Module, on: bool) -> None:

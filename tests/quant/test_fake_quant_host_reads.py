@@ -122,7 +122,7 @@ class _QuantizedLinear(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        from quant.prepare import begin_observation_step
+        from quant.schedule import begin_observation_step
 
         self.linear = torch.nn.Linear(4, 4)
         self.fq = Pow2FakeQuantize(QuantSpec(bits=8), signed=True)

@@ -303,3 +303,28 @@ def test_any_traceable_model():
     set_fake_quant(pm, False)
     with torch.no_grad():
         torch.testing.assert_close(pm(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+class _ConvThenLinear(torch.nn.Module):
+    """A classifier: a quantized conv block, then layers prepare leaves float (BN on its own, a Linear)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.norm = torch.nn.BatchNorm1d(8)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.norm(self.pool(self.conv(x)).flatten(1)))
+
+
+def test_every_module_left_float_has_a_plan_row_saying_why():
+    pm = prepare(_ConvThenLinear(), (torch.rand(2, 3, 16, 16),), QuantConfig())
+    rows = {e.name: e for e in pm.plan if e.kind == "float_module"}
+    assert set(rows) == {"norm", "fc"}
+    assert "Linear: prepare quantizes Conv2d weights only" in rows["fc"].float_reason
+    assert "BatchNorm1d" in rows["norm"].float_reason
+    table = pm.plan.table()
+    assert "fc" in table and "float_module" in table
+    assert not any(e.name.startswith("conv") and e.kind == "float_module" for e in pm.plan)  # fused: quantized
