@@ -7,7 +7,7 @@ Steps (each a small pass over one fx graph; the caller's model is never modified
 2. fuse every Conv2d(+BN)(+ReLU/ReLU6) chain into one :class:`~quant.fused.QATConvBnAct`;
 3. swap the Conv2d modules inside leaf modules (a detection head) for :class:`~quant.fused.QATConv`
    with a signed output quantizer, so the leaf's own forward keeps working;
-4. insert activation quantizers as graph nodes after every quantized producer (model input, fused
+4. (:mod:`quant.act_quant`) insert activation quantizers as graph nodes after every quantized producer (model input, fused
    convs, adds, concats) and on float tensors that quantized consumers read; tensors that must
    share a scale (concat inputs and output, add inputs; merged through max-pool/upsample/reshape)
    use the very same quantizer instance.
@@ -34,8 +34,6 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -43,13 +41,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from quant.act_quant import ACT_QUANT, PrepareContext, Producer, insert_act_quantizers, module_key
 from quant.config import QuantConfig, QuantSpec
 from quant.fake_quant import Pow2FakeQuantize
 from quant.fq_ops import probe_half_kernels
 from quant.fused import QATConv, QATConvBnAct
-from quant.graph import (Chain, activation_kind, find_alignment_groups, find_conv_bn_act, group_of,
-                         is_pass_through, link_input_quantizers, merge_groups, owner_name, resolve_producer,
-                         set_submodule, trace)
+from quant.graph import (Chain, activation_kind, find_alignment_groups, find_conv_bn_act, is_pass_through,
+                         link_input_quantizers, owner_name, resolve_producer, set_submodule, trace)
 from quant.graphviz import write_graphviz
 from quant.plan import PlanEntry, QuantPlan, check_rules_match, float_module_entries
 from quant.schedule import begin_observation_step
@@ -57,7 +55,6 @@ from quant.schedule import begin_observation_step
 __all__ = ["ACT_QUANT", "PlanEntry", "QuantPlan", "PreparedModel", "check_rules_match", "prepare"]
 
 LOGGER = logging.getLogger(__name__)
-ACT_QUANT = "act_quant"  # the ModuleDict holding every activation quantizer
 
 
 class PreparedModel(fx.GraphModule):
@@ -86,37 +83,12 @@ class PreparedModel(fx.GraphModule):
         return out
 
 
-@dataclass
-class _Producer:
-    """What a quantized producer needs for its output quantizer."""
-
-    spec: QuantSpec
-    kind: str  # 'input' | 'conv' | 'add' | 'concat'
-    key: str  # act_quant name when this producer anchors its tensor set
-    unsigned: bool = False
-
-
-@dataclass
-class _Ctx:
-    root: nn.Module
-    graph: fx.Graph
-    config: QuantConfig
-    index_of: Callable[[str], Optional[int]]
-    producers: dict[str, _Producer] = field(default_factory=dict)  # node name -> producer
-    consumers: set[str] = field(default_factory=set)  # node names that need quantized inputs
-    entries: dict[str, PlanEntry] = field(default_factory=dict)  # node name -> plan row
-
-
-def _key(name: str) -> str:
-    return re.sub(r"[^0-9A-Za-z_]", "_", name) or "root"
-
-
 def _weight_quantizer(spec: QuantSpec, channels: int) -> Pow2FakeQuantize:
     return Pow2FakeQuantize(spec, signed=True if spec.signed is None else spec.signed, num_channels=channels)
 
 
 # ------------------------------------------------------------------------------------ step 2: fuse
-def _chain_names(ctx: _Ctx, chain: Chain, act_is_module: bool, targets: set[str]) -> tuple[str, str]:
+def _chain_names(ctx: PrepareContext, chain: Chain, act_is_module: bool, targets: set[str]) -> tuple[str, str]:
     """(module name of the fused block, name the config rules see) — see the module docstring."""
     parent = chain.conv.rpartition(".")[0]
     if not parent:
@@ -130,7 +102,7 @@ def _chain_names(ctx: _Ctx, chain: Chain, act_is_module: bool, targets: set[str]
     return chain.conv, (parent if children <= with_act else chain.conv)
 
 
-def _fuse_chain(ctx: _Ctx, chain: Chain, nodes: dict[str, fx.Node], targets: set[str]) -> None:
+def _fuse_chain(ctx: PrepareContext, chain: Chain, nodes: dict[str, fx.Node], targets: set[str]) -> None:
     act_is_module = chain.act is not None and chain.act in targets
     place, rule_name = _chain_names(ctx, chain, act_is_module, targets)
     layer = ctx.index_of(rule_name)
@@ -155,7 +127,7 @@ def _fuse_chain(ctx: _Ctx, chain: Chain, nodes: dict[str, fx.Node], targets: set
         for name in (chain.bn, chain.act if chain.fused_act and act_is_module else None):
             if name and name not in remaining:
                 set_submodule(ctx.root, name, None)
-    ctx.producers[new.name] = _Producer(aspec, "conv", _key(place), unsigned=chain.fused_act is not None)
+    ctx.producers[new.name] = Producer(aspec, "conv", module_key(place), unsigned=chain.fused_act is not None)
     ctx.consumers.add(new.name)
     note = ""
     if chain.act_kind == "other":  # e.g. SiLU: an integer conv cannot apply it, so it runs in float
@@ -165,7 +137,7 @@ def _fuse_chain(ctx: _Ctx, chain: Chain, nodes: dict[str, fx.Node], targets: set
 
 
 # ------------------------------------------------------------------------------------ step 3: leaves
-def _swap_leaf_convs(ctx: _Ctx) -> None:
+def _swap_leaf_convs(ctx: PrepareContext) -> None:
     done: set[str] = set()
     for node in ctx.graph.nodes:
         if node.op != "call_module" or node.target in done:
@@ -190,145 +162,8 @@ def _swap_leaf_convs(ctx: _Ctx) -> None:
             ctx.entries[row] = PlanEntry(name, "head_conv", layer, "conv", wspec, aspec, signed, f"{name}.out_quant")
 
 
-# ------------------------------------------------------------------------------------ step 4: activations
-def _classify_ops(ctx: _Ctx) -> list:
-    """Register the input and quantized add/concat nodes; return their Groups."""
-    groups = []
-    for node in ctx.graph.nodes:
-        if node.op == "placeholder" and ctx.config.quantize_input:
-            key = "input" if node.name == next(iter(ctx.graph.nodes)).name else f"input_{node.name}"
-            ctx.producers[node.name] = _Producer(ctx.config.input, "input", key, ctx.config.input.signed is False)
-            continue
-        group = group_of(ctx.root, node)
-        if group is None:
-            continue
-        owner = owner_name(node)
-        layer = ctx.index_of(owner) if owner else None
-        quantize, _, aspec = ctx.config.resolve(owner or node.name, layer)
-        name = f"{owner}.{group.kind}" if owner else node.name
-        if not quantize:
-            ctx.entries[node.name] = PlanEntry(name, group.kind, layer, float_reason="float (rule)")
-            continue
-        groups.append(group)
-        ctx.consumers.add(node.name)
-        ctx.producers[node.name] = _Producer(aspec, group.kind, _key(name))
-        ctx.entries[node.name] = PlanEntry(name, group.kind, layer, activation=aspec)
-    return groups
-
-
-def _needed_values(ctx: _Ctx, nodes: dict[str, fx.Node]) -> list[fx.Node]:
-    """Tensors that get a quantizer, in graph order: outputs of quantized producers (except an
-    input nobody quantized reads) and float tensors read by quantized consumers."""
-    needed: set[str] = {n for n, p in ctx.producers.items() if p.kind != "input" and nodes[n].users}
-    for name in ctx.consumers:
-        for arg in nodes[name].all_input_nodes:
-            src = resolve_producer(ctx.root, arg)
-            if src.op == "get_attr" or (src.op == "placeholder" and not ctx.config.quantize_input):
-                continue
-            needed.add(src.name)
-    return [n for n in ctx.graph.nodes if n.name in needed]
-
-
-def _member_unsigned(ctx: _Ctx, node: fx.Node, set_of: dict[str, Any], unsigned: dict[Any, bool]) -> bool:
-    p = ctx.producers.get(node.name)
-    if p is None:  # a float tensor: only a ReLU guarantees non-negative values
-        return activation_kind(ctx.root, node) in ("relu", "relu6")
-    if p.kind == "concat":
-        return True  # as signed as the tensors it joins (its own set)
-    if p.kind == "add":
-        return all(unsigned.get(set_of.get(resolve_producer(ctx.root, a).name), False) for a in node.args[:2])
-    return p.unsigned
-
-
-def _set_signedness(ctx: _Ctx, sets: dict[Any, list[fx.Node]], set_of: dict[str, Any],
-                    specs: dict[Any, QuantSpec]) -> dict[Any, bool]:
-    """Unsigned sets: every member non-negative.  Iterated to a fixed point because an add's sign
-    depends on its inputs' set (optimistic start, values only ever turn signed)."""
-    unsigned = {sid: True for sid in sets}
-    changed = True
-    while changed:
-        changed = False
-        for sid, members in sets.items():
-            forced = specs[sid].signed
-            value = (not forced) if forced is not None else all(
-                _member_unsigned(ctx, m, set_of, unsigned) for m in members)
-            if value != unsigned[sid]:
-                unsigned[sid], changed = value, True
-    return unsigned
-
-
-def _anchor(ctx: _Ctx, members: list[fx.Node], ties: list[str]) -> tuple[QuantSpec, str]:
-    """Spec and quantizer name of a tensor set: from the last concat that ties it, else the last add
-    whose inputs it holds (name + '_in'), else its last quantized producer, else its last member."""
-    concats = [t for t in ties if ctx.producers[t].kind == "concat"]
-    if concats or ties:
-        p = ctx.producers[(concats or ties)[-1]]
-        return p.spec, p.key if concats else f"{p.key}_in"
-    quantized = [m for m in members if m.name in ctx.producers]
-    if quantized:
-        p = ctx.producers[quantized[-1].name]
-        return p.spec, p.key
-    node = members[-1]
-    owner = owner_name(node) or node.name
-    return ctx.config.resolve(owner, ctx.index_of(owner))[2], _key(owner)
-
-
-def _insert_quantizer_nodes(ctx: _Ctx, target: str, members: list[fx.Node]) -> None:
-    first_op = next(n for n in ctx.graph.nodes if n.op != "placeholder")
-    for value in members:
-        users = list(value.users)
-        if value.op == "placeholder":
-            with ctx.graph.inserting_before(first_op):
-                qnode = ctx.graph.call_module(target, (value,))
-        else:
-            with ctx.graph.inserting_after(value):
-                qnode = ctx.graph.call_module(target, (value,))
-        if value.name not in ctx.producers:  # float tensor: only quantized readers see it quantized
-            users = [u for u in users if u.name in ctx.consumers or is_pass_through(ctx.root, u)]
-        for user in users:
-            user.replace_input_with(value, qnode)
-
-
-def _insert_act_quantizers(ctx: _Ctx) -> dict[str, tuple]:
-    """Step 4; returns {tensor node name: (quantizer name, shared set id or None, signed, spec)}."""
-    groups = _classify_ops(ctx)
-    nodes = {n.name: n for n in ctx.graph.nodes}
-    merged = merge_groups(groups, order=list(nodes))
-    sets: dict[Any, list[fx.Node]] = {}
-    for value in _needed_values(ctx, nodes):
-        sets.setdefault(merged.get(value.name, ("solo", value.name)), []).append(value)
-    set_of = {m.name: sid for sid, members in sets.items() for m in members}
-    ties: dict[Any, list[str]] = {sid: [] for sid in sets}
-    for g in groups:
-        sid = set_of.get(g.inputs[0])
-        if sid is not None:
-            ties[sid].append(g.output)
-    anchors = {sid: _anchor(ctx, members, ties[sid]) for sid, members in sets.items()}
-    specs = {sid: spec for sid, (spec, _) in anchors.items()}
-    unsigned = _set_signedness(ctx, sets, set_of, specs)
-    holder = nn.ModuleDict()
-    if hasattr(ctx.root, ACT_QUANT):
-        raise ValueError(f"{type(ctx.root).__name__} already has an attribute {ACT_QUANT!r}; cannot prepare it")
-    ctx.root.add_module(ACT_QUANT, holder)
-    result, shared = {}, 0
-    for sid, members in sets.items():
-        spec, key = anchors[sid]
-        if spec.per_channel:
-            raise ValueError(f"{members[-1].name}: per-channel activation quantization is not supported")
-        while key in holder:
-            key = f"{key}_"
-        holder[key] = Pow2FakeQuantize(spec, signed=not unsigned[sid])
-        target = f"{ACT_QUANT}.{key}"
-        _insert_quantizer_nodes(ctx, target, members)
-        group = shared if len(members) > 1 else None
-        shared += len(members) > 1
-        for m in members:
-            result[m.name] = (target, group, not unsigned[sid], spec)
-    return result
-
-
 # ------------------------------------------------------------------------------------ plan + build
-def _build_plan(ctx: _Ctx, order: list[str], quant_of: dict[str, tuple]) -> QuantPlan:
+def _build_plan(ctx: PrepareContext, order: list[str], quant_of: dict[str, tuple]) -> QuantPlan:
     rows = dict(ctx.entries)
     by_name = {n.name: n for n in ctx.graph.nodes}
     for name in order:
@@ -357,7 +192,7 @@ def _build_plan(ctx: _Ctx, order: list[str], quant_of: dict[str, tuple]) -> Quan
     return plan
 
 
-def _build_module(ctx: _Ctx, model: nn.Module, plan: QuantPlan) -> PreparedModel:
+def _build_module(ctx: PrepareContext, model: nn.Module, plan: QuantPlan) -> PreparedModel:
     ctx.graph.lint()
     prepared = PreparedModel(ctx.root, ctx.graph, class_name=type(model).__name__)
     # GraphModule copies only the modules the graph calls, into plain containers; put the real
@@ -404,14 +239,14 @@ def prepare(model: nn.Module, example_inputs: Union[torch.Tensor, tuple], config
                        title=f"{type(model).__name__}: traced")
     graph = traced.graph
     graph.owning_module = None  # module lookups go to `root`, which receives the new modules
-    ctx = _Ctx(root, graph, config, index_of)
+    ctx = PrepareContext(root, graph, config, index_of)
     nodes = {n.name: n for n in graph.nodes}
     targets = {str(n.target) for n in graph.nodes if n.op in ("call_module", "get_attr")}
     for chain in chains:
         _fuse_chain(ctx, chain, nodes, targets)
     _swap_leaf_convs(ctx)
     order = [n.name for n in graph.nodes]
-    quant_of = _insert_act_quantizers(ctx)
+    quant_of = insert_act_quantizers(ctx)
     prepared = _build_module(ctx, model, _build_plan(ctx, order, quant_of))
     prepared.quant_config, prepared.example_shape = config, tuple(inputs[0].shape)
     prepared.plan.extend(float_module_entries(prepared, prepared.plan))
