@@ -56,7 +56,7 @@ def run(weights=ROOT / "yolov5s.pt", source=ROOT / "data/images", data=ROOT / "d
     from utils.detect_output import OutputWriter, check_display
     from utils.paths import increment_path
     from utils.predict import NmsOptions, load_detector
-    from utils.sources import iterate_frames, list_source_files
+    from utils.data.sources import iterate_frames, list_source_files
     from utils.torch_utils import select_device
 
     files = list_source_files(source)  # refusals (webcam, stream, missing) come before any loading

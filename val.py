@@ -102,7 +102,7 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
     Training validates its own model in-process with :func:`utils.evaluate.validate`.
     """
     from utils.config_checks import check_flags
-    from utils.data_config import check_img_size, load_data_config
+    from utils.data.data_config import check_img_size, load_data_config
     from utils.paths import increment_path
     from utils.torch_utils import select_device, use_channels_last
 
@@ -149,7 +149,7 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
 
 def _sensitivity_config(weights, device, imgsz, data, calib_images, qat_config, target_drop, batch_size, workers,
                         save_dir):
-    from utils.data_config import check_img_size
+    from utils.data.data_config import check_img_size
     from utils.ptq_sensitivity import sensitivity_config
     from utils.qat import load_model
 
@@ -201,7 +201,7 @@ def _load_for_val(weights, device, imgsz, data, ptq, calib_images, qat_config, w
     if ptq:
         if meta.get("qat"):
             raise ValueError(f"{weights}: --ptq needs a float checkpoint, this one is already quantized")
-        from utils.data_config import check_img_size
+        from utils.data.data_config import check_img_size
 
         imgsz = check_img_size(imgsz, max(int(model.stride.max()), 32))  # prepare traces at this size
         model = _post_training_quantize(model, device, imgsz, data, calib_images, qat_config, workers)
@@ -210,7 +210,8 @@ def _load_for_val(weights, device, imgsz, data, ptq, calib_images, qat_config, w
 
 def _post_training_quantize(model, device, imgsz, data, calib_images, qat_config, workers):
     """The PTQ baseline: the same prepare and calibration a QAT run starts from, no training."""
-    from utils.qat import calibrate_on_training_images, prepare_qat_model
+    from utils.data.calibration import calibrate_on_training_images
+    from utils.qat import prepare_qat_model
 
     prepared = prepare_qat_model(model, imgsz, qat_config)
     calibrate_on_training_images(prepared, data, imgsz, calib_images, device, workers)
@@ -218,7 +219,7 @@ def _post_training_quantize(model, device, imgsz, data, calib_images, qat_config
 
 
 def _make_dataloader(data, task, imgsz, batch_size, stride, single_cls, workers, rect=True):
-    from utils.dataset import create_dataloader
+    from utils.data.dataset import create_dataloader
     from utils.log import colorstr
 
     split = task if task in ("train", "val", "test") else "val"

@@ -104,7 +104,7 @@ def time_loader(source: Any, imgsz: int, batch_size: int, hyp: dict, batches: in
     The loader is cycled when it has fewer than ``warmup + batches`` batches (its workers persist).
     Augmentation runs in the workers, so with ``workers`` > 0 this is their combined throughput.
     """
-    from utils.dataset import create_dataloader
+    from utils.data.dataset import create_dataloader
 
     t0 = time.perf_counter()
     loader, dataset = create_dataloader(source, imgsz, batch_size, stride, hyp=hyp, augment=True,
@@ -331,7 +331,7 @@ def run(cfg: str | Path = "yolov5s.yaml", imgsz: int = 640, batch_size: Optional
     ``batch_size`` None: 64 on CUDA, 8 on CPU. ``loader_batches`` None: ``steps``, at least 30 (cheap, and
     short loader runs are noisy).
     """
-    from utils.data_config import check_img_size
+    from utils.data.data_config import check_img_size
     from utils.torch_utils import select_device, use_channels_last
 
     if steps < 2:

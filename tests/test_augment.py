@@ -1,4 +1,4 @@
-"""Tests for utils/augment.py: affine warp, mosaic, HSV, flips and mixup on tiny synthetic images."""
+"""Tests for utils/data/augment.py: affine warp, mosaic, HSV, flips and mixup on tiny synthetic images."""
 from __future__ import annotations
 
 import random
@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from utils.augment import (
+from utils.data.augment import (
     augment_hsv,
     box_candidates,
     choose_mosaic,

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.utils.data._utils.worker as worker_state
 
-from utils.dataset import LoadImagesAndLabels
+from utils.data.dataset import LoadImagesAndLabels
 
 
 def _batch():
@@ -35,7 +35,7 @@ def test_collate_in_a_worker_builds_the_batch_in_shared_memory(monkeypatch):
 
 
 def test_training_samples_collate_into_a_channels_last_batch():
-    from utils.dataset import chw_rgb_view
+    from utils.data.dataset import chw_rgb_view
 
     gen = np.random.default_rng(0)
     bgr = [gen.integers(0, 256, (32, 48, 3), dtype=np.uint8) for _ in range(3)]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from utils.data_config import DataConfigError, check_img_size, load_data_config
+from utils.data.data_config import DataConfigError, check_img_size, load_data_config
 
 
 def _dataset(root: Path) -> Path:
@@ -114,7 +114,7 @@ def test_shared_coco128_yaml(coco128_yaml):
 
 def test_check_img_size(caplog):
     assert check_img_size(640) == 640
-    with caplog.at_level(logging.WARNING, logger="utils.data_config"):
+    with caplog.at_level(logging.WARNING, logger="utils.data.data_config"):
         assert check_img_size(641, stride=32) == 672
     assert "must be multiple of max stride 32" in caplog.text
     assert check_img_size([320, 100], stride=64) == [320, 128]

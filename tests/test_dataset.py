@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.dataset import LoadImagesAndLabels, create_dataloader
-from utils.images import letterbox, load_image
+from utils.data.dataset import LoadImagesAndLabels, create_dataloader
+from utils.data.images import letterbox, load_image
 
 GREY = 114
 
@@ -116,7 +116,7 @@ def test_collate_single_cls_and_caches(tmp_path, caplog):
         f.unlink()
     os.chmod(src, 0o555)
     try:
-        with caplog.at_level(logging.WARNING, logger="utils.dataset"):
+        with caplog.at_level(logging.WARNING, logger="utils.data.dataset"):
             ro = LoadImagesAndLabels(src, img_size=64, batch_size=3, cache_images="disk")
     finally:
         os.chmod(src, 0o755)
@@ -129,7 +129,7 @@ def test_create_dataloader_options(tmp_path, caplog):
     src = _make_dataset(tmp_path, [(40 + i, 40) for i in range(6)])
     loader, ds = create_dataloader(src, 64, 1, 32, workers=4)
     assert loader.num_workers == 0 and len(loader) == 6  # batch 1 -> no worker processes
-    with caplog.at_level(logging.WARNING, logger="utils.dataset"):
+    with caplog.at_level(logging.WARNING, logger="utils.data.dataset"):
         loader, _ = create_dataloader(src, 64, 4, 32, rect=True, shuffle=True, workers=0)
     assert "incompatible" in caplog.text and isinstance(loader.sampler, torch.utils.data.SequentialSampler)
     orders = []

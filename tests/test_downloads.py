@@ -1,4 +1,4 @@
-"""Tests for utils.downloads, all offline: file:// URLs and zips built in tmp_path."""
+"""Tests for utils.data.downloads, all offline: file:// URLs and zips built in tmp_path."""
 from __future__ import annotations
 
 import zipfile
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from utils import downloads
-from utils.downloads import (DownloadError, DownloadRefused, UnsafeArchiveError,
+from utils.data import downloads
+from utils.data.downloads import (DownloadError, DownloadRefused, UnsafeArchiveError,
                              attempt_download_weights, download_dataset, safe_download,
                              sha256sum, unzip_file)
 
@@ -179,7 +179,7 @@ def test_resolve_dataset_root(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     yaml_file = tmp_path / "cfg" / "toy.yaml"
     data = {"path": "../datasets/toy"}
-    # nothing exists yet: the yaml's folder is the base, as in utils.data_config
+    # nothing exists yet: the yaml's folder is the base, as in utils.data.data_config
     assert downloads.resolve_dataset_root(data, yaml_file) == tmp_path / "datasets" / "toy"
     assert downloads.resolve_dataset_root(data) == tmp_path.parent / "datasets" / "toy"
     existing = REPO.parent / "datasets" / "coco128"

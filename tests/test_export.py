@@ -121,7 +121,7 @@ def test_val_on_onnx_matches_torch(kind, static320, dynamic256, default320, torc
     """Dynamic files take the rectangular batches val uses for PyTorch; a static file can only take its
     exported shape, so both models see square letterboxed batches (rect=False, as upstream's val.py
     does for every non-PyTorch backend)."""
-    from utils.dataset import create_dataloader
+    from utils.data.dataset import create_dataloader
     from utils.evaluate import EvalOptions, evaluate
 
     result = {"static": static320, "dynamic": dynamic256, "default": default320}[kind][0]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import utils.label_scan as ls
-from utils.label_scan import (DatasetError, default_cache_path, find_image_files, img2label_paths, scan_labels,
+import utils.data.label_scan as ls
+from utils.data.label_scan import (DatasetError, default_cache_path, find_image_files, img2label_paths, scan_labels,
                               verify_image_label)
 
 BOX = "0 0.5 0.5 0.2 0.4\n"
@@ -143,7 +143,7 @@ def _mixed_dataset(root: Path) -> tuple[list[str], list[str]]:
 def test_scan_counts_and_cache_reuse(tmp_path, monkeypatch, caplog):
     ims, lbs = _mixed_dataset(tmp_path)
     cache = default_cache_path(tmp_path / "images" / "train", lbs)
-    with caplog.at_level(logging.INFO, logger="utils.label_scan"):
+    with caplog.at_level(logging.INFO, logger="utils.data.label_scan"):
         r = scan_labels(ims, lbs, cache, prefix="train: ")
     assert (r["nf"], r["nm"], r["ne"], r["nc"], r["n"]) == (4, 1, 1, 1, 5)
     assert r["im_files"] == ims[:4] and [len(x) for x in r["labels"]] == [1, 2, 0, 0]
@@ -195,7 +195,7 @@ def test_unwritable_cache_dir_warns_and_continues(tmp_path, caplog):
     labels_root = tmp_path / "labels"
     os.chmod(labels_root, 0o555)
     try:
-        with caplog.at_level(logging.WARNING, logger="utils.label_scan"):
+        with caplog.at_level(logging.WARNING, logger="utils.data.label_scan"):
             r = scan_labels(ims, lbs, labels_root / "train.cache")
     finally:
         os.chmod(labels_root, 0o755)

@@ -28,12 +28,12 @@ from quant.prepare import ACT_QUANT, prepare
 from quant.schedule import iter_quantizers
 from quant.report import quantizer_table
 from utils.qat import load_model
-from utils.data_config import load_data_config
-from utils.dataset import create_dataloader
+from utils.data.data_config import load_data_config
+from utils.data.dataset import create_dataloader
 from utils.evaluate import EvalOptions, validate
 from utils.loss import ComputeLoss
 from utils.qat import prepare_qat_model
-from utils.synthetic import make_synthetic_dataset
+from utils.data.synthetic import make_synthetic_dataset
 from tiny_nets import AddConcatNet
 
 LOGGER = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from tiny_nets import yolov5p_checkpoints
 from utils.qat import load_model
 from utils.quant_report import HTML_NAME, float_vs_int8, try_report_quantization, worst_activations
 from utils.quant_report_html import TABLE_KEYS, QuantReport, render_html
-from utils.synthetic import make_synthetic_dataset
+from utils.data.synthetic import make_synthetic_dataset
 
 IMGSZ = 64
 VAL = dict(imgsz=IMGSZ, batch_size=4, workers=0, device="cpu", plots=False, qat_report=True)

@@ -1,4 +1,4 @@
-"""utils.sources: what a --source names, frames of videos, val.py's letterbox for one image."""
+"""utils.data.sources: what a --source names, frames of videos, val.py's letterbox for one image."""
 from __future__ import annotations
 
 import os
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.dataset import create_dataloader
-from utils.sources import SourceError, check_source, iterate_frames, letterbox_like_val, list_source_files
+from utils.data.dataset import create_dataloader
+from utils.data.sources import SourceError, check_source, iterate_frames, letterbox_like_val, list_source_files
 
 
 def _image(path, h=48, w=64):

@@ -1,4 +1,4 @@
-"""Tests for utils.synthetic: determinism, label validity, tight boxes, idempotence."""
+"""Tests for utils.data.synthetic: determinism, label validity, tight boxes, idempotence."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
-from utils import synthetic
-from utils.synthetic import (CLASS_NAMES, ensure_synthetic_dataset, make_synthetic_dataset,
+from utils.data import synthetic
+from utils.data.synthetic import (CLASS_NAMES, ensure_synthetic_dataset, make_synthetic_dataset,
                              render_sample)
 
 SMALL = {"n_train": 14, "n_val": 4, "img_size": 128}

@@ -20,7 +20,7 @@ from utils import trainer as trainer_mod
 from utils.callbacks_log import RESULT_KEYS
 from utils.qat import load_model
 from utils.loss import ComputeLoss
-from utils.synthetic import make_synthetic_dataset
+from utils.data.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = dict(cfg="yolov5n.yaml", weights="", imgsz=64, batch_size=8, workers=0, device="cpu", exist_ok=False)

@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from utils.dataset import LoadImagesAndLabels
-from utils.synthetic import make_synthetic_dataset
+from utils.data.dataset import LoadImagesAndLabels
+from utils.data.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -108,8 +108,8 @@ def _dataset_from_yaml(data: str | Path) -> Any:
     """Shapes and labels of a dataset yaml's train split (what upstream reads for this purpose)."""
     from types import SimpleNamespace
 
-    from utils.data_config import load_data_config
-    from utils.label_scan import find_image_files, img2label_paths, verify_image_label
+    from utils.data.data_config import load_data_config
+    from utils.data.label_scan import find_image_files, img2label_paths, verify_image_label
 
     cfg = load_data_config(data)
     images = find_image_files(cfg["train"])

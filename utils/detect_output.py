@@ -16,7 +16,7 @@ import torch
 
 from utils.annotate import save_crop
 from utils.predict import label_rows
-from utils.sources import Frame
+from utils.data.sources import Frame
 
 __all__ = ["OutputWriter", "check_display", "describe_counts"]
 

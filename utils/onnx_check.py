@@ -52,7 +52,7 @@ class CheckResult:
 def sample_batch(images: Sequence[Path] | None, batch: int, imgsz: tuple[int, int], seed: int = 0) -> torch.Tensor:
     """A float batch (batch, 3, h, w) in [0, 1]: the images letterboxed to exactly ``imgsz`` (RGB) and
     repeated to fill the batch, or uniform random values when no images are given."""
-    from utils.images import letterbox, read_image
+    from utils.data.images import letterbox, read_image
 
     h, w = imgsz
     if not images:

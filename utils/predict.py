@@ -21,7 +21,7 @@ import torch
 
 from utils.boxes import scale_boxes, xyxy2xywh
 from utils.nms import non_max_suppression
-from utils.sources import letterbox_like_val
+from utils.data.sources import letterbox_like_val
 from utils.torch_utils import time_sync
 
 __all__ = ["Detector", "NmsOptions", "Prediction", "label_rows", "load_detector"]
@@ -100,7 +100,7 @@ def load_detector(weights: str | Path, device: torch.device | str = "cpu", imgsz
     it; ``half`` applies to float PyTorch models on CUDA only. ``augment`` (test-time augmentation)
     is refused for models that cannot run it.
     """
-    from utils.data_config import check_img_size
+    from utils.data.data_config import check_img_size
     from utils.qat import is_prepared, load_model
 
     device = torch.device(device) if not isinstance(device, torch.device) else device

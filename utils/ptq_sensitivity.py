@@ -29,7 +29,8 @@ def _val_map(model: nn.Module, loader, device, data: dict) -> float:
 
 
 def _ptq(float_model: nn.Module, imgsz: int, config, data: dict, calib_images: int, device, workers: int) -> nn.Module:
-    from utils.qat import calibrate_on_training_images, prepare_qat_model
+    from utils.data.calibration import calibrate_on_training_images
+    from utils.qat import prepare_qat_model
 
     prepared = prepare_qat_model(copy.deepcopy(float_model), imgsz, config)
     calibrate_on_training_images(prepared, data, imgsz, calib_images, device, workers)

@@ -24,7 +24,8 @@ def prepare_for_training(model: nn.Module, record: CheckpointRecord | None, cfg:
     weights and, with ``cfg.qat_calib_images`` > 0, calibrated to the PTQ state before the first step.
     ``save_dir`` (the main process only) receives the plan."""
     from quant.schedule import iter_quantizers
-    from utils.qat import calibrate_on_training_images, prepare_qat_model, rebuild_qat_model
+    from utils.data.calibration import calibrate_on_training_images
+    from utils.qat import prepare_qat_model, rebuild_qat_model
 
     if record is not None and record.quant is not None:
         LOGGER.info(f"QAT: continuing from the quantized checkpoint {cfg.weights}")

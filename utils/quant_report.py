@@ -27,7 +27,7 @@ from quant.layer_error import (LayerError, float_activations, format_layer_error
 from quant.schedule import flags_restored, set_fake_quant
 from utils.annotate import draw_detections, side_by_side
 from utils.box_match import match_detections
-from utils.images import read_image
+from utils.data.images import read_image
 from utils.predict import Detector
 from utils.quant_report_html import DetectionPair, QuantReport, histograms_png, render_html
 

@@ -18,7 +18,7 @@ from quant.threshold import THRESHOLD_PARAM
 from utils.checkpoint import (CheckpointError, CheckpointRecord, make_checkpoint, read_checkpoint, save_checkpoint,
                               transfer_state_dict)
 from utils.config_checks import check_hyp_values, read_yaml
-from utils.data_config import DataConfigError, load_data_config
+from utils.data.data_config import DataConfigError, load_data_config
 from utils.torch_utils import de_parallel, linear_lr, one_cycle, smart_optimizer
 
 LOGGER = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def prepare_data(data: str | Path | dict) -> dict:
         raw = read_yaml(data, "dataset")
         params = raw.get("synthetic") if isinstance(raw, dict) else None
         if isinstance(params, dict):
-            from utils.synthetic import ensure_synthetic_dataset
+            from utils.data.synthetic import ensure_synthetic_dataset
 
             root = Path(str(raw.get("path") or "")).expanduser()
             root = root if root.is_absolute() else (Path(data).resolve().parent / root).resolve()

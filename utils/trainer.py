@@ -28,8 +28,8 @@ from quant.threshold import is_threshold_parameter
 from utils.autoanchor import check_anchors
 from utils.callbacks_log import ResultsLogger
 from utils.checkpoint import CheckpointRecord, save_checkpoint
-from utils.data_config import check_img_size
-from utils.dataset import create_dataloader
+from utils.data.data_config import check_img_size
+from utils.data.dataset import create_dataloader
 from utils.evaluate import EvalOptions, result_tuple, validate
 from utils.log import TQDM_BAR_FORMAT, colorstr
 from utils.loss import ComputeLoss

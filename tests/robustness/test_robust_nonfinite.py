@@ -16,7 +16,7 @@ from models.yolo import DetectionModel
 from utils.checkpoint import CheckpointError, make_checkpoint, save_checkpoint
 from utils.qat import load_model
 from utils.loss import ComputeLoss
-from utils.synthetic import make_synthetic_dataset
+from utils.data.synthetic import make_synthetic_dataset
 from utils.train_guard import NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,6 +1,6 @@
 """The detection dataset (images + YOLO labels) and its DataLoader, as YOLOv5 v7.0 builds them.
 
-Records come from ``utils.label_scan`` (verified, cached), pixels from ``utils.images`` (resize,
+Records come from ``utils.data.label_scan`` (verified, cached), pixels from ``utils.data.images`` (resize,
 letterbox). Validation needs upstream's exact input: same image order, same rectangular batch
 shapes, same letterbox and same label arithmetic, so these follow v7.0 step by step.
 
@@ -23,8 +23,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate, distributed
 
 from utils.boxes import xywhn2xyxy, xyxy2xywhn
-from utils.images import letterbox, read_image, resize_longest
-from utils.label_scan import (DatasetError, default_cache_path, find_image_files, img2label_paths,
+from utils.data.images import letterbox, read_image, resize_longest
+from utils.data.label_scan import (DatasetError, default_cache_path, find_image_files, img2label_paths,
                               is_writable_dir, scan_labels)
 
 LOGGER = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ class LoadImagesAndLabels(Dataset):
         normalised xywh, then HSV and flips. Random numbers come from the process-wide ``random``
         and ``numpy.random`` modules, as upstream, so seeding those reproduces its stream.
         """
-        from utils.augment import augment_hsv, mixup, random_flip, random_perspective
+        from utils.data.augment import augment_hsv, mixup, random_flip, random_perspective
 
         hyp = self.hyp or {}
         shapes = None
@@ -223,7 +223,7 @@ class LoadImagesAndLabels(Dataset):
 
     def _mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """A 4-image mosaic around ``index``, warped back to ``img_size`` (pixel xyxy labels)."""
-        from utils.augment import choose_mosaic, load_mosaic
+        from utils.data.augment import choose_mosaic, load_mosaic
 
         indices, center = choose_mosaic(index, self.indices, self.img_size)
         return load_mosaic(self.load_image, indices, self.labels, self.img_size, self.hyp, center=center,

@@ -5,11 +5,11 @@ meant for a tiny model on a laptop CPU, yet it is not trivial (textured backgrou
 lines, clipped and slightly overlapping objects, background-only images, non-square images).
 
 Example:
-    >>> from utils.synthetic import make_synthetic_dataset
+    >>> from utils.data.synthetic import make_synthetic_dataset
     >>> yaml_path = make_synthetic_dataset("datasets/synthetic", n_train=64, n_val=16)
 
 Command line:
-    python -m utils.synthetic --out datasets/synthetic --n-train 256 --n-val 64
+    python -m utils.data.synthetic --out datasets/synthetic --n-train 256 --n-val 64
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ Only `urllib` is used. `file://` URLs work like any other, which is how the test
 module without a network. Nothing here runs at import.
 
 Command line:
-    python -m utils.downloads --weights yolov5n.pt yolov5s.pt --dest weights
-    python -m utils.downloads --data data/coco128.yaml
+    python -m utils.data.downloads --weights yolov5n.pt yolov5s.pt --dest weights
+    python -m utils.data.downloads --data data/coco128.yaml
 """
 from __future__ import annotations
 
@@ -220,7 +220,7 @@ def download_dataset(data_dict: dict[str, Any], data_root: str | Path,
     """
     root = Path(data_root)
     if isinstance(data_dict.get("synthetic"), dict):
-        from utils.synthetic import ensure_synthetic_dataset  # only needed for this case
+        from utils.data.synthetic import ensure_synthetic_dataset  # only needed for this case
 
         ensure_synthetic_dataset(root, **data_dict["synthetic"])
         return root
@@ -249,9 +249,9 @@ def download_dataset(data_dict: dict[str, Any], data_root: str | Path,
 
 
 def resolve_dataset_root(data_dict: dict[str, Any], yaml_file: str | Path | None = None) -> Path:
-    """The dataset folder a yaml's `path` names: the loader's own rule (utils.data_config.resolve_root),
+    """The dataset folder a yaml's `path` names: the loader's own rule (utils.data.data_config.resolve_root),
     so downloads land where the loader will look."""
-    from utils.data_config import resolve_root
+    from utils.data.data_config import resolve_root
 
     return resolve_root(data_dict.get("path"), Path(yaml_file).resolve().parent if yaml_file else None)
 

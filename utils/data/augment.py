@@ -294,7 +294,7 @@ def load_mosaic(
 
     Args:
         load_fn: ``load_fn(index) -> (im, (h0, w0), (h, w))``, the image resized so its long side
-            is ``img_size`` (utils.images.load_image semantics).
+            is ``img_size`` (utils.data.images.load_image semantics).
         indices: the 4 dataset indices, placed top-left, top-right, bottom-left, bottom-right.
         labels: indexable by dataset index (e.g. the dataset's label list): (n, 5) [cls, x, y, w, h]
             normalised to the image.

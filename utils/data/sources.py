@@ -22,8 +22,8 @@ from typing import Iterator, Sequence
 import cv2
 import numpy as np
 
-from utils.images import letterbox, read_image, resize_longest
-from utils.label_scan import IMG_FORMATS
+from utils.data.images import letterbox, read_image, resize_longest
+from utils.data.label_scan import IMG_FORMATS
 
 __all__ = ["VID_FORMATS", "Frame", "SourceError", "check_source", "iterate_frames", "list_source_files",
            "letterbox_like_val"]
