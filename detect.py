@@ -30,7 +30,7 @@ def _frame_line(frame, pred, names) -> str:
 
 
 def _annotate(frame, pred, detector, opt):
-    from utils.annotate import draw_detections
+    from utils.eval.annotate import draw_detections
 
     return draw_detections(frame.image.copy(), pred.boxes, detector.names, opt["line_thickness"],
                            opt["hide_labels"], opt["hide_conf"])
@@ -55,7 +55,7 @@ def run(weights=ROOT / "yolov5s.pt", source=ROOT / "data/images", data=ROOT / "d
     """
     from utils.detect_output import OutputWriter, check_display
     from utils.paths import increment_path
-    from utils.predict import NmsOptions, load_detector
+    from utils.eval.predict import NmsOptions, load_detector
     from utils.data.sources import iterate_frames, list_source_files
     from utils.torch_utils import select_device
 
@@ -96,8 +96,8 @@ def run(weights=ROOT / "yolov5s.pt", source=ROOT / "data/images", data=ROOT / "d
 
 
 def _compare(frame, preds, detectors, annotated, opt):
-    from utils.annotate import side_by_side
-    from utils.box_match import match_detections
+    from utils.eval.annotate import side_by_side
+    from utils.eval.box_match import match_detections
 
     match = match_detections(preds[0].boxes, preds[1].boxes)
     names = [Path(d.weights).name for d in detectors]

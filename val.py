@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from utils.boxes import xyxy2xywh
-from utils.evaluate import EvalOptions, result_tuple, validate
+from utils.eval.evaluate import EvalOptions, result_tuple, validate
 
 LOGGER = logging.getLogger("val")
 ROOT = Path(__file__).resolve().parent
@@ -99,7 +99,7 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
     them (with the plan, histograms and float-vs-INT8 boxes) as quant_report.html and CSV into the run folder.
     `memory_format` (a loaded PyTorch model): 'auto' runs channels_last on CUDA, as training does.
     `compute_loss` (a ComputeLoss of the model) adds the mean validation losses to the results.
-    Training validates its own model in-process with :func:`utils.evaluate.validate`.
+    Training validates its own model in-process with :func:`utils.eval.evaluate.validate`.
     """
     from utils.config_checks import check_flags
     from utils.data.data_config import check_img_size, load_data_config
@@ -141,7 +141,7 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
     saved = f"\n{len(list(writer.labels_dir.glob('*.txt')))} labels saved to {writer.labels_dir}" if save_txt else ""
     LOGGER.info(f"Results saved to {save_dir}{saved}")
     if report:
-        from utils.quant_report import log_report_paths
+        from utils.eval.quant_report import log_report_paths
 
         log_report_paths(report)
     return result_tuple(result)
@@ -150,7 +150,7 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
 def _sensitivity_config(weights, device, imgsz, data, calib_images, qat_config, target_drop, batch_size, workers,
                         save_dir):
     from utils.data.data_config import check_img_size
-    from utils.ptq_sensitivity import sensitivity_config
+    from utils.eval.ptq_sensitivity import sensitivity_config
     from utils.qat import load_model
 
     model, meta = load_model(weights, device=device, fuse=False)
@@ -179,7 +179,7 @@ def _qat_report(model, dataloader, device, weights, save_dir: Path, ptq: bool = 
         LOGGER.warning(f"WARNING: --qat-report: {weights} is {kind}; nothing to report. Give a QAT checkpoint "
                        "(train.py --qat), or add --ptq to quantize a float .pt first")
         return []
-    from utils.quant_report import report_quantization
+    from utils.eval.quant_report import report_quantization
 
     title = f"{Path(str(weights)).name}, {'PTQ' if ptq else 'QAT checkpoint'}"
     return report_quantization(model, dataloader, device, save_dir, title=title)

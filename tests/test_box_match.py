@@ -1,11 +1,11 @@
-"""utils.box_match (detect.py --compare) and utils.annotate drawing."""
+"""utils.eval.box_match (detect.py --compare) and utils.eval.annotate drawing."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from utils.annotate import default_line_width, draw_detections, save_crop, side_by_side
-from utils.box_match import match_detections
+from utils.eval.annotate import default_line_width, draw_detections, save_crop, side_by_side
+from utils.eval.box_match import match_detections
 
 
 def test_matching_is_one_to_one_same_class_and_thresholded():

@@ -122,7 +122,7 @@ def test_val_on_onnx_matches_torch(kind, static320, dynamic256, default320, torc
     exported shape, so both models see square letterboxed batches (rect=False, as upstream's val.py
     does for every non-PyTorch backend)."""
     from utils.data.dataset import create_dataloader
-    from utils.evaluate import EvalOptions, evaluate
+    from utils.eval.evaluate import EvalOptions, evaluate
 
     result = {"static": static320, "dynamic": dynamic256, "default": default320}[kind][0]
     images = sorted((shared_dir / "datasets" / "coco128" / "images" / "train2017").glob("*.jpg"))[:64]

@@ -82,8 +82,8 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_graph_sees_the_packages():
     graph = import_graph()
-    assert "utils.evaluate" in graph and "quant.prepare" in graph and "models.yolo" in graph
-    assert "utils.boxes" in graph["utils.evaluate"]
+    assert "utils.eval.evaluate" in graph and "quant.prepare" in graph and "models.yolo" in graph
+    assert "utils.boxes" in graph["utils.eval.evaluate"]
 
 
 def test_no_library_module_imports_a_script():

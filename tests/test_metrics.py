@@ -1,13 +1,13 @@
-"""AP, P/R at best F1, prediction matching and the confusion matrix (utils/metrics.py, utils/plots.py)."""
+"""AP, P/R at best F1, prediction matching and the confusion matrix (utils/eval/metrics.py, utils/eval/plots.py)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from utils.metrics import (ConfusionMatrix, ap_per_class, compute_ap, fitness, match_predictions, pr_curves,
+from utils.eval.metrics import (ConfusionMatrix, ap_per_class, compute_ap, fitness, match_predictions, pr_curves,
                            smooth)
-from utils.plots import plot_confusion_matrix, plot_pr_curves
+from utils.eval.plots import plot_confusion_matrix, plot_pr_curves
 
 IOUV = torch.linspace(0.5, 0.95, 10)
 
@@ -252,7 +252,7 @@ def test_confusion_matrix_one_detection_two_labels():
 def test_plot_images_labels_and_predictions(tmp_path):
     import cv2
 
-    from utils.plots import plot_images
+    from utils.eval.plots import plot_images
 
     images = torch.zeros(3, 3, 64, 96)  # black tiles, so any drawn pixel shows
     labels = torch.tensor([[0, 1, 0.5, 0.5, 0.5, 0.5], [2, 0, 0.3, 0.3, 0.2, 0.2]])  # normalised xywh
@@ -271,7 +271,7 @@ def test_plot_images_labels_and_predictions(tmp_path):
 
 
 def test_plot_results_from_upstream_csv(tmp_path):
-    from utils.plots import RESULTS_PANELS, plot_results
+    from utils.eval.plots import RESULTS_PANELS, plot_results
 
     columns = ["epoch", *RESULTS_PANELS[:3], *RESULTS_PANELS[3:5], *RESULTS_PANELS[8:], *RESULTS_PANELS[5:8],
                "x/lr0", "x/lr1", "x/lr2"]

@@ -1,4 +1,4 @@
-"""NMS kernels, backend dispatch and YOLOv5 batch NMS (utils/nms.py)."""
+"""NMS kernels, backend dispatch and YOLOv5 batch NMS (utils/eval/nms.py)."""
 from __future__ import annotations
 
 import sys
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-import utils.nms as nms_mod
-from utils.nms import MAX_WH, nms_backend, nms_indices, non_max_suppression
+import utils.eval.nms as nms_mod
+from utils.eval.nms import MAX_WH, nms_backend, nms_indices, non_max_suppression
 
 
 @pytest.fixture

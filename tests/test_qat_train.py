@@ -30,7 +30,7 @@ from quant.report import quantizer_table
 from utils.qat import load_model
 from utils.data.data_config import load_data_config
 from utils.data.dataset import create_dataloader
-from utils.evaluate import EvalOptions, validate
+from utils.eval.evaluate import EvalOptions, validate
 from utils.loss import ComputeLoss
 from utils.qat import prepare_qat_model
 from utils.data.synthetic import make_synthetic_dataset

@@ -1,4 +1,4 @@
-"""The quantization report (utils/quant_report.py, utils/quant_report_html.py): val.py --qat-report on a
+"""The quantization report (utils/eval/quant_report.py, utils/eval/quant_report_html.py): val.py --qat-report on a
 tiny calibrated QAT yolov5p (and with --ptq) writes quant_report.html whose quantizer table holds every
 quantizer with the very cells of the printed table and of quant_layers.csv, whose images all decode, and
 which stays small; rendering escapes text; a failing report only warns."""
@@ -21,8 +21,8 @@ from quant.layer_error import COLUMNS, LayerError, cells
 from quant.schedule import iter_quantizers
 from tiny_nets import yolov5p_checkpoints
 from utils.qat import load_model
-from utils.quant_report import HTML_NAME, float_vs_int8, try_report_quantization, worst_activations
-from utils.quant_report_html import TABLE_KEYS, QuantReport, render_html
+from utils.eval.quant_report import HTML_NAME, float_vs_int8, try_report_quantization, worst_activations
+from utils.eval.quant_report_html import TABLE_KEYS, QuantReport, render_html
 from utils.data.synthetic import make_synthetic_dataset
 
 IMGSZ = 64

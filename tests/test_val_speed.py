@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import utils.nms as nms_mod
+import utils.eval.nms as nms_mod
 from utils.boxes import box_iou, xywh2xyxy
-from utils.evaluate import EvalOptions, _labels_per_image, evaluate
-from utils.metrics import match_predictions, match_predictions_torch
+from utils.eval.evaluate import EvalOptions, _labels_per_image, evaluate
+from utils.eval.metrics import match_predictions, match_predictions_torch
 
 IOUV = torch.linspace(0.5, 0.95, 10)
 

@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 import torch
 
-from utils.annotate import save_crop
-from utils.predict import label_rows
+from utils.eval.annotate import save_crop
+from utils.eval.predict import label_rows
 from utils.data.sources import Frame
 
 __all__ = ["OutputWriter", "check_display", "describe_counts"]

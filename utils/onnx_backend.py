@@ -2,7 +2,7 @@
 
 :func:`load_onnx_model` returns an :class:`OnnxModel`: calling it with a float image batch (values in
 [0, 1], NCHW) returns ``(decoded predictions (bs, N, 5 + nc), None)``, the same contract as
-``DetectionModel`` in eval mode, so ``utils.evaluate.evaluate`` scores it unchanged. Raw-head files
+``DetectionModel`` in eval mode, so ``utils.eval.evaluate.evaluate`` scores it unchanged. Raw-head files
 (three head maps, decoded on the NPU's DSP in deployment) are decoded here from the anchors and
 strides stored in the file's metadata.
 

@@ -11,7 +11,7 @@ What is measured, and how:
   :func:`head_steps`). Exposing the int8 head tensors as extra graph outputs instead would change
   what OpenVINO fuses, hence what it computes. :func:`step_agreement` compares two runs.
 * **detections**: NMS on both outputs, then one-to-one pairs of the same class at IoU >= 0.5
-  (:func:`utils.box_match.match_detections`).
+  (:func:`utils.eval.box_match.match_detections`).
 
 The reference is onnxruntime with every graph optimisation off: each QuantizeLinear and
 DequantizeLinear then runs on its own, which is the ONNX specification's arithmetic.
@@ -146,8 +146,8 @@ def step_agreement(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> StepAgre
 def match_after_nms(a: np.ndarray, b: np.ndarray, conf_thres: float = 0.25, iou_thres: float = 0.45,
                     match_iou: float = 0.5) -> list[tuple[int, int, int]]:
     """Per image of two decoded outputs: (boxes in a, boxes in b, matched pairs) after NMS."""
-    from utils.box_match import match_detections
-    from utils.nms import non_max_suppression
+    from utils.eval.box_match import match_detections
+    from utils.eval.nms import non_max_suppression
 
     da = non_max_suppression(torch.from_numpy(np.ascontiguousarray(a)).float(), conf_thres, iou_thres)
     db = non_max_suppression(torch.from_numpy(np.ascontiguousarray(b)).float(), conf_thres, iou_thres)

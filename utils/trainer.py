@@ -30,17 +30,17 @@ from utils.callbacks_log import ResultsLogger
 from utils.checkpoint import CheckpointRecord, save_checkpoint
 from utils.data.data_config import check_img_size
 from utils.data.dataset import create_dataloader
-from utils.evaluate import EvalOptions, result_tuple, validate
+from utils.eval.evaluate import EvalOptions, result_tuple, validate
 from utils.log import TQDM_BAR_FORMAT, colorstr
 from utils.loss import ComputeLoss
-from utils.plots import plot_images, plot_results
+from utils.eval.plots import plot_images, plot_results
 from utils.qat import load_model
 from utils.qat_training import distillation_from_options, prepare_for_training, threshold_optimizer_from_hyp
-from utils.quant_report import log_report_paths, try_report_quantization
+from utils.eval.quant_report import log_report_paths, try_report_quantization
 from utils.torch_utils import EarlyStopping, ModelEMA, de_parallel, torch_distributed_zero_first, use_channels_last
 from utils.train_config import DistContext, TrainConfig
 from utils.train_guard import NonFiniteLossError, StepGuard, StopOnSigint
-from utils.metrics import fitness
+from utils.eval.metrics import fitness
 from utils.train_setup import (build_model, freeze_layers, get_rng_state, lr_lambda, make_optimizer, prepare_data,
                                resume_from, scale_loss_gains, set_rng_state, strip_checkpoint, training_checkpoint,
                                warmup_iterations)

@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from utils.boxes import scale_boxes, xywh2xyxy
 from utils.log import TQDM_BAR_FORMAT
-from utils.metrics import ConfusionMatrix, at_best_f1, match_predictions_torch, pr_curves
-from utils.nms import non_max_suppression
+from utils.eval.metrics import ConfusionMatrix, at_best_f1, match_predictions_torch, pr_curves
+from utils.eval.nms import non_max_suppression
 from utils.torch_utils import time_sync
 
 LOGGER = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def evaluate(
     if compute_loss is not None:
         result.loss = loss.cpu() / max(len(dataloader), 1)
     if confusion is not None and save_dir is not None:
-        from utils.plots import plot_confusion_matrix
+        from utils.eval.plots import plot_confusion_matrix
 
         plot_confusion_matrix(confusion.matrix, save_dir=save_dir, names=list(names.values()))
     return result
@@ -207,7 +207,7 @@ def _summarise(stats, nc, names, plots, save_dir) -> EvalResult:
     if tp.shape[0] and tp.any():
         curves, nt = pr_curves(tp, conf, pred_cls, target_cls)
         if plots and save_dir is not None:
-            from utils.plots import plot_pr_curves
+            from utils.eval.plots import plot_pr_curves
 
             plot_pr_curves(curves, save_dir, names)
         _, _, p, r, _, ap, ap_class = at_best_f1(curves, nt)
@@ -236,7 +236,7 @@ def print_results(result: EvalResult, names: dict, per_class: bool, batch_shape=
 
 
 def _plot_batch(im, targets, preds, paths, names, save_dir, batch_i) -> None:
-    from utils.plots import plot_images
+    from utils.eval.plots import plot_images
 
     plot_images(im, targets, paths, save_dir / f"val_batch{batch_i}_labels.jpg", names)
     plot_images(im, detections_to_targets(preds), paths, save_dir / f"val_batch{batch_i}_pred.jpg", names)

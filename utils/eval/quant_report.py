@@ -3,7 +3,7 @@
 One list of per-quantizer rows (:func:`quant.layer_error.layer_errors` on a few validation images)
 is printed as a table and written as ``quant_layers.csv``, ``quant_layers.png`` and, with the plan,
 histograms of the worst layers' activations and float-vs-INT8 detections, as the self-contained
-``quant_report.html`` (:mod:`utils.quant_report_html`).
+``quant_report.html`` (:mod:`utils.eval.quant_report_html`).
 
 Example:
     >>> paths = report_quantization(model, val_loader, "cpu", save_dir, title="best.pt")  # doctest: +SKIP
@@ -25,11 +25,11 @@ import torch.nn as nn
 from quant.layer_error import (LayerError, float_activations, format_layer_errors, layer_errors, plot_layer_errors,
                                write_layer_errors_csv)
 from quant.schedule import flags_restored, set_fake_quant
-from utils.annotate import draw_detections, side_by_side
-from utils.box_match import match_detections
+from utils.eval.annotate import draw_detections, side_by_side
+from utils.eval.box_match import match_detections
 from utils.data.images import read_image
-from utils.predict import Detector
-from utils.quant_report_html import DetectionPair, QuantReport, histograms_png, render_html
+from utils.eval.predict import Detector
+from utils.eval.quant_report_html import DetectionPair, QuantReport, histograms_png, render_html
 
 __all__ = ["float_vs_int8", "log_report_paths", "report_quantization", "try_report_quantization",
            "worst_activations"]

@@ -83,7 +83,7 @@ def plot_pr_curve(px: np.ndarray, py: Sequence[np.ndarray], ap: np.ndarray,
 def plot_mc_curve(px: np.ndarray, py: np.ndarray, save_dir: PathLike = Path("mc_curve.png"), names=(),
                   xlabel: str = "Confidence", ylabel: str = "Metric") -> Path:
     """Metric-versus-confidence curves ``py`` (k, len(px)) per class and their smoothed mean."""
-    from utils.metrics import smooth
+    from utils.eval.metrics import smooth
 
     fig, ax = _figure((9, 6))
     if 0 < len(names) < 21:
@@ -106,7 +106,7 @@ def _present_class_names(names: Union[Mapping, Sequence], classes: np.ndarray) -
 
 
 def plot_pr_curves(curves, save_dir: PathLike, names=(), prefix: str = "") -> list[Path]:
-    """The four curve files of a validation run (PR, F1, P, R) from :class:`utils.metrics.PRCurves`."""
+    """The four curve files of a validation run (PR, F1, P, R) from :class:`utils.eval.metrics.PRCurves`."""
     save_dir = Path(save_dir)
     names = _present_class_names(names, curves.classes)
     return [plot_pr_curve(curves.px, curves.py, curves.ap, save_dir / f"{prefix}PR_curve.png", names),

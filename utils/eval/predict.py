@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from utils.boxes import scale_boxes, xyxy2xywh
-from utils.nms import non_max_suppression
+from utils.eval.nms import non_max_suppression
 from utils.data.sources import letterbox_like_val
 from utils.torch_utils import time_sync
 

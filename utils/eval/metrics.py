@@ -57,7 +57,7 @@ def compute_ap(recall: np.ndarray, precision: np.ndarray) -> tuple[float, np.nda
 
 @dataclass
 class PRCurves:
-    """Per-class curves behind AP: what the evaluation plots (see utils.plots.plot_pr_curves).
+    """Per-class curves behind AP: what the evaluation plots (see utils.eval.plots.plot_pr_curves).
 
     ``px`` is the 1000-point grid (confidence for p/r/f1, recall for ``py``); ``p``, ``r``, ``f1`` are
     (k, 1000) over confidence; ``py`` one precision-at-recall array per class with labels (AP50

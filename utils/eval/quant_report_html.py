@@ -2,7 +2,7 @@
 quantized model's plan, its per-quantizer table, charts of SQNR and clipping, histograms of the worst
 layers' activations and float-vs-INT8 detections.
 
-This module only draws and writes; :mod:`utils.quant_report` measures. The quantizer table's cells
+This module only draws and writes; :mod:`utils.eval.quant_report` measures. The quantizer table's cells
 are :func:`quant.layer_error.cells` of the same rows the printed table and the CSV come from.
 
 Example:

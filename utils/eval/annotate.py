@@ -15,7 +15,7 @@ import torch
 
 from utils.boxes import clip_boxes, xywh2xyxy, xyxy2xywh
 from utils.paths import increment_path
-from utils.plots import class_color
+from utils.eval.plots import class_color
 
 __all__ = ["box_label", "default_line_width", "draw_detections", "save_crop", "side_by_side"]
 

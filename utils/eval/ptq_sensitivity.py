@@ -21,7 +21,7 @@ LOGGER = logging.getLogger(__name__)
 
 
 def _val_map(model: nn.Module, loader, device, data: dict) -> float:
-    from utils.evaluate import EvalOptions, evaluate
+    from utils.eval.evaluate import EvalOptions, evaluate
 
     model.eval()
     result = evaluate(model, loader, device, int(data["nc"]), dict(data["names"]), EvalOptions())
