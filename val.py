@@ -190,7 +190,7 @@ def _load_for_val(weights, device, imgsz, data, ptq, calib_images, qat_config, w
     from utils.qat import load_model
 
     if Path(str(weights)).suffix == ".onnx":
-        from utils.onnx_backend import load_onnx_model
+        from utils.export.onnx_backend import load_onnx_model
 
         model, meta = load_onnx_model(weights, device)
         if not meta["dynamic_hw"] and imgsz != meta["imgsz"][0]:

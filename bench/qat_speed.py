@@ -127,7 +127,7 @@ def _onnx_rows(opt: dict) -> list[dict]:
     import numpy as np
 
     from bench.int8_latency import build_pair
-    from utils.onnx_backend import load_onnx_model
+    from utils.export.onnx_backend import load_onnx_model
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

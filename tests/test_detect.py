@@ -16,7 +16,7 @@ import detect
 import val
 from models.yolo import DetectionModel
 from utils.checkpoint import make_checkpoint, save_checkpoint
-from utils.export_job import export_weights
+from utils.export.job import export_weights
 from utils.qat import prepare_qat_model, qat_checkpoint_entry
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,10 +18,10 @@ import onnxruntime as ort
 
 import export  # noqa: E402
 from utils.qat import load_model  # noqa: E402
-from utils.export_job import export_weights, names_from_data, normalise_imgsz  # noqa: E402
-from utils.onnx_backend import decode_raw_maps, import_optional, load_onnx_model, parse_metadata  # noqa: E402
-from utils.onnx_check import FLOAT_TOL, compare_outputs  # noqa: E402
-from utils.onnx_export import ExportError, check_include, simplify_onnx  # noqa: E402
+from utils.export.job import export_weights, names_from_data, normalise_imgsz  # noqa: E402
+from utils.export.onnx_backend import decode_raw_maps, import_optional, load_onnx_model, parse_metadata  # noqa: E402
+from utils.export.onnx_check import FLOAT_TOL, compare_outputs  # noqa: E402
+from utils.export.onnx_export import ExportError, check_include, simplify_onnx  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -177,7 +177,7 @@ def test_tolerance_rule_scales_per_column():
 
 
 def test_disagreement_fails_loudly(tmp_path, shared_dir, monkeypatch, caplog):
-    import utils.onnx_check as onnx_check
+    import utils.export.onnx_check as onnx_check
 
     weights = Path(shutil.copy(shared_dir / "weights" / "yolov5n.pt", tmp_path / "yolov5n.pt"))
     real = onnx_check._torch_outputs

@@ -1,11 +1,11 @@
-"""utils.onnx_runtimes: onnxruntime op counting, head values read back from decoded outputs, agreement maths."""
+"""utils.export.onnx_runtimes: onnxruntime op counting, head values read back from decoded outputs, agreement maths."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from bench.openvino_repros import bias_broadcast, residual_add
-from utils.onnx_runtimes import (ConvKernels, StepAgreement, conv_kernels, decoded_levels, head_codes,
+from utils.export.onnx_runtimes import (ConvKernels, StepAgreement, conv_kernels, decoded_levels, head_codes,
                                  match_after_nms, onnxruntime_runner, openvino_runner, ort_optimized_ops,
                                  step_agreement)
 

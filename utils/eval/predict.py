@@ -106,7 +106,7 @@ def load_detector(weights: str | Path, device: torch.device | str = "cpu", imgsz
     device = torch.device(device) if not isinstance(device, torch.device) else device
     rect = True
     if Path(str(weights)).suffix == ".onnx":
-        from utils.onnx_backend import load_onnx_model
+        from utils.export.onnx_backend import load_onnx_model
 
         model, meta = load_onnx_model(weights, device)
         if not meta["dynamic_hw"]:

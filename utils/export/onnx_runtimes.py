@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from utils.onnx_backend import import_optional
+from utils.export.onnx_backend import import_optional
 
 __all__ = ["ConvKernels", "StepAgreement", "conv_kernels", "decoded_levels", "head_codes", "head_steps",
            "match_after_nms", "onnxruntime_runner", "openvino_runner", "ort_optimized_ops", "step_agreement"]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils.onnx_backend import import_optional, onnxruntime_errors, session_providers
+from utils.export.onnx_backend import import_optional, onnxruntime_errors, session_providers
 
 __all__ = ["FLOAT_TOL", "HALF_TOL", "CheckResult", "compare_outputs", "sample_batch", "verify_onnx"]
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from models.yolo import Detect
-from utils.onnx_backend import PRODUCER, import_optional
+from utils.export.onnx_backend import PRODUCER, import_optional
 
 __all__ = ["ExportError", "OnnxOptions", "SUPPORTED_FORMATS", "build_metadata", "check_include",
            "export_onnx_float", "export_onnx_qdq", "io_names", "prepare_for_export", "route_image_to_head",
@@ -251,7 +251,7 @@ def export_onnx_float(model: nn.Module, im: torch.Tensor, file: Path, options: O
 
     ``model`` is a fused DetectionModel in eval mode on im's device. The head is decoded unless
     ``options.raw_head``. Metadata is attached and the file passes onnx.checker; the numerical check
-    against PyTorch is :func:`utils.onnx_check.verify_onnx`.
+    against PyTorch is :func:`utils.export.onnx_check.verify_onnx`.
     """
     options.validate()
     if options.openvino_compat:
