@@ -57,8 +57,8 @@ def train_once(name: str, project: Path, **options) -> tuple[dict, Path]:
     """One train.py run in this process; returns (speed of the warm epochs, weights folder)."""
     import train
     from utils.torch_utils import select_device
-    from utils.train_config import TrainConfig
-    from utils.trainer import Trainer
+    from utils.train.config import TrainConfig
+    from utils.train.trainer import Trainer
 
     opt = train.make_opt(project=str(project), name=name, exist_ok=True, noval=True, noplots=True, **options)
     device = select_device(opt.device, batch_size=opt.batch_size)

@@ -9,7 +9,7 @@ Four numbers, printed side by side (and written as JSON with ``--json``):
    hyp.scratch-low) iterated for ``--loader-batches`` batches after ``--warmup``, no model;
 2. float step: a DetectionModel from ``--cfg`` on a device-resident random batch: forward,
    ComputeLoss, backward, gradient clipping and an SGD step, fp16 autocast + GradScaler on CUDA
-   and the trainer's memory format (as utils.trainer does for float training);
+   and the trainer's memory format (as utils.train.trainer does for float training);
 3. QAT step: the same network prepared with utils.qat.prepare_qat_model, same batch, bfloat16
    autocast on CUDA (as the trainer does for QAT); observers calibrate during the first half of
    the timed steps and are frozen for the second half, and each phase is reported;
@@ -90,7 +90,7 @@ def load_hyp(hyp: str | Path | dict) -> dict:
 def resolve_data(data: str | Path | None) -> tuple[Any, int]:
     """(train source, number of classes) of a dataset yaml; None means the synthetic shapes set,
     generated under <repo>/datasets/synthetic on first use."""
-    from utils.trainer import prepare_data
+    from utils.train.trainer import prepare_data
 
     config = prepare_data(data or DEFAULT_DATA)
     return config["train"], int(config["nc"])
@@ -158,14 +158,14 @@ def build_float_model(cfg: str | Path, nc: int, act: Optional[str], device: torc
 
 
 class TrainStep:
-    """One optimisation step as utils.trainer takes it with accumulate == 1 (no warm-up LR ramp).
+    """One optimisation step as utils.train.trainer takes it with accumulate == 1 (no warm-up LR ramp).
     ``forward``: what runs the model's forward, as the trainer's ``train_forward`` (default: ``model``)."""
 
     def __init__(self, model: nn.Module, hyp: dict, imgsz: int, batch_size: int, device: torch.device,
                  amp_dtype: torch.dtype, ema: bool = False, forward: Optional[Callable] = None):
-        from utils.loss import ComputeLoss, find_detect
+        from utils.train.loss import ComputeLoss, find_detect
         from utils.torch_utils import ModelEMA
-        from utils.train_setup import make_optimizer, scale_loss_gains
+        from utils.train.setup import make_optimizer, scale_loss_gains
 
         head = find_detect(model)
         gains = scale_loss_gains(hyp, int(head.nl), int(head.nc), imgsz, 0.0)

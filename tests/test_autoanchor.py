@@ -1,4 +1,4 @@
-"""Tests for utils.autoanchor: anchor order, the BPR check, k-means + genetic evolution."""
+"""Tests for utils.train.autoanchor: anchor order, the BPR check, k-means + genetic evolution."""
 from __future__ import annotations
 
 import random
@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from utils.autoanchor import check_anchor_order, check_anchors, kmean_anchors
+from utils.train.autoanchor import check_anchor_order, check_anchors, kmean_anchors
 
 # YOLOv5 v7.0 default anchors in pixels, P3/8, P4/16, P5/32.
 V5_ANCHORS = np.array([[10, 13], [16, 30], [33, 23], [30, 61], [62, 45], [59, 119],
@@ -121,7 +121,7 @@ def test_kmean_anchors_global_rng_reproducible():
 def test_kmean_anchors_falls_back_to_random_init(caplog):
     data = SimpleNamespace(shapes=np.array([[640.0, 640.0]]),
                            labels=[np.array([[0, 0.5, 0.5, 0.1, 0.2], [0, 0.5, 0.5, 0.2, 0.1]], np.float32)])
-    with caplog.at_level("WARNING", logger="utils.autoanchor"):
+    with caplog.at_level("WARNING", logger="utils.train.autoanchor"):
         k = kmean_anchors(data, n=9, gen=20, verbose=False, seed=0)  # 9 anchors, only 2 boxes
     assert "random init" in caplog.text
     assert k.shape == (9, 2)
@@ -130,7 +130,7 @@ def test_kmean_anchors_falls_back_to_random_init(caplog):
 def test_kmean_anchors_warns_small_objects(caplog):
     data = make_dataset(5, n_img=5)
     data.labels[0][:, 3:5] = 1.0 / 640  # 1-pixel boxes: warned about and filtered out
-    with caplog.at_level("WARNING", logger="utils.autoanchor"):
+    with caplog.at_level("WARNING", logger="utils.train.autoanchor"):
         k = kmean_anchors(data, n=9, gen=20, verbose=False, seed=0)
     assert "Extremely small objects" in caplog.text
     assert k.shape == (9, 2)

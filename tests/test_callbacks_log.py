@@ -1,4 +1,4 @@
-"""utils.callbacks_log: TensorBoard event files when tensorboard imports, a one-line notice when not."""
+"""utils.train.callbacks: TensorBoard event files when tensorboard imports, a one-line notice when not."""
 from __future__ import annotations
 
 import logging
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from utils.callbacks_log import RESULT_KEYS, ResultsLogger
+from utils.train.callbacks import RESULT_KEYS, ResultsLogger
 
 
 def test_tensorboard_event_file_written(tmp_path):

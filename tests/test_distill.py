@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models.yolo import DetectionModel
-from utils.distill import HeadDistillation, head_distill_terms
+from utils.train.distill import HeadDistillation, head_distill_terms
 
 
 @pytest.fixture(scope="module")

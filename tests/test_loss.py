@@ -1,4 +1,4 @@
-"""Tests for utils/loss.py: CIoU values, target assignment, loss parts and a short fit."""
+"""Tests for utils/train/loss.py: CIoU values, target assignment, loss parts and a short fit."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.loss import ComputeLoss, FocalLoss, bbox_ciou, find_detect, smooth_BCE
+from utils.train.loss import ComputeLoss, FocalLoss, bbox_ciou, find_detect, smooth_BCE
 
 HYP = dict(box=0.05, obj=1.0, cls=0.5, cls_pw=1.0, obj_pw=1.0, anchor_t=4.0, fl_gamma=0.0)
 # v7.0 default anchors in pixels, P3/8, P4/16, P5/32

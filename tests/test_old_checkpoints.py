@@ -19,7 +19,7 @@ from quant.prepare import PreparedModel
 from utils.checkpoint import FORMAT, read_checkpoint
 from utils.names import normalise_names
 from utils.qat import is_prepared, load_model, qat_checkpoint_entry
-from utils.loss import ComputeLoss
+from utils.train.loss import ComputeLoss
 from utils.data.synthetic import make_synthetic_dataset
 
 DATA = Path(__file__).resolve().parent / "data"

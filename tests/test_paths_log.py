@@ -92,7 +92,7 @@ def test_setup_logging_levels_and_single_handler(restore_logging):
     ours = [h for h in root.handlers if h.formatter is not None and h.formatter._fmt == "%(message)s"]
     assert ours == [h2] and len(root.handlers) == n0 + 1  # a second call replaces, never stacks (also an
     # earlier in-process script's handler)
-    assert logging.getLogger("utils.autoanchor").getEffectiveLevel() == logging.INFO
+    assert logging.getLogger("utils.train.autoanchor").getEffectiveLevel() == logging.INFO
     assert h2.format(logging.makeLogRecord({"msg": "plain %s", "args": ("text",)})) == "plain text"
     setup_logging(verbose=True, rank=1)
     assert logging.getLogger("utils").level == logging.WARNING

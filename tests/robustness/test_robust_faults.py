@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.callbacks_log import RESULT_KEYS, ResultsLogger
+from utils.train.callbacks import RESULT_KEYS, ResultsLogger
 from utils.data.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[2]

@@ -62,7 +62,7 @@ class HeadDistillation:
 def load_teacher(weights: str, cfg: str, nc: int, hyp: dict, act: str | None, device: torch.device) -> nn.Module:
     """The float teacher from ``weights`` built as train.py builds a model to train (same yaml, classes
     and activation); a QAT checkpoint is refused: the teacher must be the float model."""
-    from utils.train_setup import build_model
+    from utils.train.setup import build_model
 
     try:
         teacher, _ = build_model(weights, cfg, nc, hyp, act, False, device, qat=False)

@@ -1,4 +1,4 @@
-"""What a QAT run adds to training set-up, for utils.trainer: the prepared (fake-quantized) model, the
+"""What a QAT run adds to training set-up, for utils.train.trainer: the prepared (fake-quantized) model, the
 optimizer of trained power-of-2 thresholds and the distillation teacher."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from utils.checkpoint import CheckpointRecord
 from utils.log import colorstr
-from utils.train_config import TrainConfig
+from utils.train.config import TrainConfig
 
 LOGGER = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def threshold_optimizer_from_hyp(model: nn.Module, hyp: dict) -> torch.optim.Opt
 
 def distillation_from_options(cfg: TrainConfig, nc: int, hyp: dict, device: torch.device):
     """--qat-distill: the float teacher (the run's starting weights, kept in opt.yaml for --resume)."""
-    from utils.distill import HeadDistillation, load_teacher
+    from utils.train.distill import HeadDistillation, load_teacher
 
     teacher = load_teacher(cfg.qat_distill, cfg.cfg, nc, hyp, cfg.act, device)
     gain = float(hyp.get("distill", DEFAULT_DISTILL_GAIN))
