@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent
 
 
 def _frame_line(frame, pred, names) -> str:
-    from utils.detect_output import describe_counts
+    from utils.detect.output import describe_counts
 
     counts = describe_counts(pred.boxes, names)
     return (f"{frame.progress()}{pred.shape[2]}x{pred.shape[3]} {counts}"
@@ -53,9 +53,10 @@ def run(weights=ROOT / "yolov5s.pt", source=ROOT / "data/images", data=ROOT / "d
     ``compare`` (weights) adds a second model: each saved image shows both models' boxes side by
     side, and the log counts each model's boxes and the pairs that match (IoU >= 0.5, same class).
     """
-    from utils.detect_output import OutputWriter, check_display
+    from utils.detect.output import OutputWriter, check_display
     from utils.paths import increment_path
-    from utils.eval.predict import NmsOptions, load_detector
+    from utils.detect.load import load_detector
+    from utils.eval.predict import NmsOptions
     from utils.data.sources import iterate_frames, list_source_files
     from utils.torch_utils import select_device
 

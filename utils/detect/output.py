@@ -9,16 +9,17 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Sequence
 
 import cv2
 import numpy as np
 import torch
 
-from utils.eval.annotate import save_crop
-from utils.eval.predict import label_rows
+from utils.boxes import xyxy2xywh
 from utils.data.sources import Frame
+from utils.eval.annotate import save_crop
 
-__all__ = ["OutputWriter", "check_display", "describe_counts"]
+__all__ = ["OutputWriter", "check_display", "describe_counts", "label_rows"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -94,3 +95,18 @@ class OutputWriter:
         for writer in self._videos.values():
             writer.release()
         self._videos.clear()
+
+
+def label_rows(boxes: torch.Tensor, shape0: Sequence[int], save_conf: bool = False) -> list[str]:
+    """YOLO label lines for detections, as upstream's detect.py writes them (last detection first).
+
+    Each line is ``class x_center y_center width height`` normalised by the image size, plus the
+    confidence with ``save_conf``, every number in ``%g`` format.
+    """
+    gain = torch.tensor(shape0[:2], dtype=torch.float32)[[1, 0, 1, 0]]
+    lines = []
+    for *xyxy, conf, cls in reversed(boxes.tolist()):
+        xywh = (xyxy2xywh(torch.tensor(xyxy).view(1, 4)) / gain).view(-1).tolist()
+        row = (cls, *xywh, conf) if save_conf else (cls, *xywh)
+        lines.append(("%g " * len(row)).rstrip() % row)
+    return lines
