@@ -53,11 +53,11 @@ def run(weights=ROOT / "yolov5s.pt", source=ROOT / "data/images", data=ROOT / "d
     ``compare`` (weights) adds a second model: each saved image shows both models' boxes side by
     side, and the log counts each model's boxes and the pairs that match (IoU >= 0.5, same class).
     """
-    from utils.detect.output import OutputWriter, check_display
-    from utils.paths import increment_path
-    from utils.detect.load import load_detector
-    from utils.eval.predict import NmsOptions
     from utils.data.sources import iterate_frames, list_source_files
+    from utils.detect.load import load_detector
+    from utils.detect.output import OutputWriter, check_display
+    from utils.eval.predict import NmsOptions
+    from utils.paths import increment_path
     from utils.torch_utils import select_device
 
     files = list_source_files(source)  # refusals (webcam, stream, missing) come before any loading

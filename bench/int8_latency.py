@@ -36,8 +36,8 @@ def build_pair(weights: Path, imgsz: int, folder: Path, act: str = "relu", calib
     """(fp32 .onnx, int8 QDQ .onnx) of ``weights`` rebuilt with ``act``, exported at ``imgsz``."""
     from quant.calibrate import calibrate
     from utils.checkpoint import make_checkpoint, save_checkpoint
-    from utils.qat import load_model
     from utils.export.job import export_weights
+    from utils.qat import load_model
     from utils.qat import prepare_qat_model, qat_checkpoint_entry
 
     model, _ = load_model(weights, act=act)

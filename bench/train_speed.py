@@ -163,8 +163,8 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, hyp: dict, imgsz: int, batch_size: int, device: torch.device,
                  amp_dtype: torch.dtype, ema: bool = False, forward: Optional[Callable] = None):
-        from utils.train.loss import ComputeLoss, find_detect
         from utils.torch_utils import ModelEMA
+        from utils.train.loss import ComputeLoss, find_detect
         from utils.train.setup import make_optimizer, scale_loss_gains
 
         head = find_detect(model)

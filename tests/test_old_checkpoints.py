@@ -17,10 +17,10 @@ import val
 from quant.config import QuantConfig
 from quant.prepare import PreparedModel
 from utils.checkpoint import FORMAT, read_checkpoint
+from utils.data.synthetic import make_synthetic_dataset
 from utils.names import normalise_names
 from utils.qat import is_prepared, load_model, qat_checkpoint_entry
 from utils.train.loss import ComputeLoss
-from utils.data.synthetic import make_synthetic_dataset
 
 DATA = Path(__file__).resolve().parent / "data"
 NAMES = {0: "circle", 1: "square", 2: "triangle", 3: "cross", 4: "ring", 5: "star"}

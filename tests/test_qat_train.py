@@ -25,15 +25,15 @@ import val
 from quant.config import LayerRule, QuantConfig
 from quant.fake_quant import Pow2FakeQuantize
 from quant.prepare import ACT_QUANT, prepare
-from quant.schedule import iter_quantizers
 from quant.report import quantizer_table
-from utils.qat import load_model
+from quant.schedule import iter_quantizers
 from utils.data.data_config import load_data_config
 from utils.data.dataset import create_dataloader
-from utils.eval.evaluate import EvalOptions, validate
-from utils.train.loss import ComputeLoss
-from utils.qat import prepare_qat_model
 from utils.data.synthetic import make_synthetic_dataset
+from utils.eval.evaluate import EvalOptions, validate
+from utils.qat import load_model
+from utils.qat import prepare_qat_model
+from utils.train.loss import ComputeLoss
 from tiny_nets import AddConcatNet
 
 LOGGER = logging.getLogger(__name__)

@@ -20,10 +20,10 @@ import val
 from quant.layer_error import COLUMNS, LayerError, cells
 from quant.schedule import iter_quantizers
 from tiny_nets import yolov5p_checkpoints
-from utils.qat import load_model
+from utils.data.synthetic import make_synthetic_dataset
 from utils.eval.quant_report import HTML_NAME, float_vs_int8, try_report_quantization, worst_activations
 from utils.eval.quant_report_html import TABLE_KEYS, QuantReport, render_html
-from utils.data.synthetic import make_synthetic_dataset
+from utils.qat import load_model
 
 IMGSZ = 64
 VAL = dict(imgsz=IMGSZ, batch_size=4, workers=0, device="cpu", plots=False, qat_report=True)

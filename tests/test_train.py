@@ -16,11 +16,11 @@ from torch import nn
 
 import train
 import val
+from utils.data.synthetic import make_synthetic_dataset
+from utils.qat import load_model
 from utils.train import trainer as trainer_mod
 from utils.train.callbacks import RESULT_KEYS
-from utils.qat import load_model
 from utils.train.loss import ComputeLoss
-from utils.data.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = dict(cfg="yolov5n.yaml", weights="", imgsz=64, batch_size=8, workers=0, device="cpu", exist_ok=False)

@@ -14,10 +14,10 @@ import train
 import utils.train.trainer as trainer_mod
 from models.yolo import DetectionModel
 from utils.checkpoint import CheckpointError, make_checkpoint, save_checkpoint
-from utils.qat import load_model
-from utils.train.loss import ComputeLoss
 from utils.data.synthetic import make_synthetic_dataset
+from utils.qat import load_model
 from utils.train.guard import NonFiniteLossError
+from utils.train.loss import ComputeLoss
 
 REPO = Path(__file__).resolve().parents[2]
 

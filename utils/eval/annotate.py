@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from utils.boxes import clip_boxes, xywh2xyxy, xyxy2xywh
-from utils.paths import increment_path
 from utils.eval.plots import class_color
+from utils.paths import increment_path
 
 __all__ = ["box_label", "default_line_width", "draw_detections", "save_crop", "side_by_side"]
 

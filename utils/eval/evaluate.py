@@ -17,9 +17,9 @@ import torch
 from tqdm import tqdm
 
 from utils.boxes import scale_boxes, xywh2xyxy
-from utils.log import TQDM_BAR_FORMAT
 from utils.eval.metrics import ConfusionMatrix, at_best_f1, match_predictions_torch, pr_curves
 from utils.eval.nms import non_max_suppression
+from utils.log import TQDM_BAR_FORMAT
 from utils.torch_utils import time_sync
 
 LOGGER = logging.getLogger(__name__)

@@ -48,8 +48,8 @@ def sensitivity_config(float_model: nn.Module, data: dict, imgsz: int, calib_ima
                        target_drop: float, val_loader, device, workers: int, save_dir: Path) -> Path:
     """Rank, choose N, write ``save_dir/mixed_precision.yaml``; returns its path. ``target_drop`` is in
     points of mAP50-95 (0.5 = 0.005) against the float model on ``val_loader``."""
-    from quant.sensitivity import fewest_wide_layers, mixed_precision_config, rank_layers
     from quant.calibrate import iter_images
+    from quant.sensitivity import fewest_wide_layers, mixed_precision_config, rank_layers
     from utils.qat import load_quant_config
 
     config = load_quant_config(config)

@@ -25,9 +25,9 @@ import torch.nn as nn
 from quant.layer_error import (LayerError, float_activations, format_layer_errors, layer_errors, plot_layer_errors,
                                write_layer_errors_csv)
 from quant.schedule import flags_restored, set_fake_quant
+from utils.data.images import read_image
 from utils.eval.annotate import draw_detections, side_by_side
 from utils.eval.box_match import match_detections
-from utils.data.images import read_image
 from utils.eval.predict import Detector
 from utils.eval.quant_report_html import DetectionPair, QuantReport, histograms_png, render_html
 

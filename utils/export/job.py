@@ -20,11 +20,11 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from utils.names import normalise_names
 from utils.export.onnx_backend import import_optional
 from utils.export.onnx_check import FLOAT_TOL, HALF_TOL, CheckResult, sample_batch, verify_onnx
 from utils.export.onnx_export import (ExportError, OnnxOptions, build_metadata, check_include, export_onnx_float,
                                export_onnx_qdq, prepare_for_export)
+from utils.names import normalise_names
 
 __all__ = ["ExportResult", "QdqCheck", "QDQ_MIN_FRACTION", "export_weights", "normalise_imgsz", "names_from_data",
            "verify_qdq"]

@@ -25,22 +25,22 @@ from torch import nn
 from tqdm import tqdm
 
 from quant.threshold import is_threshold_parameter
-from utils.train.autoanchor import check_anchors
-from utils.train.callbacks import ResultsLogger
 from utils.checkpoint import CheckpointRecord, save_checkpoint
 from utils.data.data_config import check_img_size
 from utils.data.dataset import create_dataloader
 from utils.eval.evaluate import EvalOptions, result_tuple, validate
-from utils.log import TQDM_BAR_FORMAT, colorstr
-from utils.train.loss import ComputeLoss
+from utils.eval.metrics import fitness
 from utils.eval.plots import plot_images, plot_results
-from utils.qat import load_model
-from utils.train.qat_training import distillation_from_options, prepare_for_training, threshold_optimizer_from_hyp
 from utils.eval.quant_report import log_report_paths, try_report_quantization
+from utils.log import TQDM_BAR_FORMAT, colorstr
+from utils.qat import load_model
 from utils.torch_utils import EarlyStopping, ModelEMA, de_parallel, torch_distributed_zero_first, use_channels_last
+from utils.train.autoanchor import check_anchors
+from utils.train.callbacks import ResultsLogger
 from utils.train.config import DistContext, TrainConfig
 from utils.train.guard import NonFiniteLossError, StepGuard, StopOnSigint
-from utils.eval.metrics import fitness
+from utils.train.loss import ComputeLoss
+from utils.train.qat_training import distillation_from_options, prepare_for_training, threshold_optimizer_from_hyp
 from utils.train.setup import (build_model, freeze_layers, get_rng_state, lr_lambda, make_optimizer, prepare_data,
                                resume_from, scale_loss_gains, set_rng_state, strip_checkpoint, training_checkpoint,
                                warmup_iterations)
