@@ -22,7 +22,7 @@ from utils.names import normalise_names
 from utils.qat import is_prepared, load_model, qat_checkpoint_entry
 from utils.train.loss import ComputeLoss
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 NAMES = {0: "circle", 1: "square", 2: "triangle", 3: "cross", 4: "ring", 5: "star"}
 # (sum of decoded outputs, sum of raw head maps) on torch.rand(2, 3, 64, 64) after manual_seed(0), and
 # val.run's (P, R, mAP50, mAP50-95, box, obj, cls loss) with a ComputeLoss of the checkpoint's hyp

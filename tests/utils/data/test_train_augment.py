@@ -12,7 +12,7 @@ import yaml
 from utils.data.dataset import LoadImagesAndLabels
 from utils.data.synthetic import make_synthetic_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from utils.data.downloads import (DownloadError, DownloadRefused, UnsafeArchiveE
                              attempt_download_weights, download_dataset, safe_download,
                              sha256sum, unzip_file)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _leftovers(folder: Path) -> list[str]:

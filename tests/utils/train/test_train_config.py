@@ -11,7 +11,7 @@ import yaml
 import train
 from utils.train.config import DistContext, TrainConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _opt():
