@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent
 
 
 def _frame_line(frame, pred, names) -> str:
-    from utils.detect_output import describe_counts
+    from utils.detect.output import describe_counts
 
     counts = describe_counts(pred.boxes, names)
     return (f"{frame.progress()}{pred.shape[2]}x{pred.shape[3]} {counts}"
@@ -30,7 +30,7 @@ def _frame_line(frame, pred, names) -> str:
 
 
 def _annotate(frame, pred, detector, opt):
-    from utils.annotate import draw_detections
+    from utils.eval.annotate import draw_detections
 
     return draw_detections(frame.image.copy(), pred.boxes, detector.names, opt["line_thickness"],
                            opt["hide_labels"], opt["hide_conf"])
@@ -53,10 +53,11 @@ def run(weights=ROOT / "yolov5s.pt", source=ROOT / "data/images", data=ROOT / "d
     ``compare`` (weights) adds a second model: each saved image shows both models' boxes side by
     side, and the log counts each model's boxes and the pairs that match (IoU >= 0.5, same class).
     """
-    from utils.detect_output import OutputWriter, check_display
+    from utils.data.sources import iterate_frames, list_source_files
+    from utils.detect.load import load_detector
+    from utils.detect.output import OutputWriter, check_display
+    from utils.eval.predict import NmsOptions
     from utils.paths import increment_path
-    from utils.predict import NmsOptions, load_detector
-    from utils.sources import iterate_frames, list_source_files
     from utils.torch_utils import select_device
 
     files = list_source_files(source)  # refusals (webcam, stream, missing) come before any loading
@@ -96,8 +97,8 @@ def run(weights=ROOT / "yolov5s.pt", source=ROOT / "data/images", data=ROOT / "d
 
 
 def _compare(frame, preds, detectors, annotated, opt):
-    from utils.annotate import side_by_side
-    from utils.box_match import match_detections
+    from utils.eval.annotate import side_by_side
+    from utils.eval.box_match import match_detections
 
     match = match_detections(preds[0].boxes, preds[1].boxes)
     names = [Path(d.weights).name for d in detectors]

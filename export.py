@@ -25,7 +25,7 @@ def run(data=None, weights=ROOT / "yolov5s.pt", imgsz=(640, 640), batch_size=1, 
         half=False, dynamic=False, simplify=False, opset=17, raw_head=False, check_images=None, fixed_shape=False,
         openvino_compat=False):
     """Export and check; returns the list of files written (one per --include format)."""
-    from utils.export_job import export_weights
+    from utils.export.job import export_weights
 
     images = default_check_images() if check_images is None else check_images
     result = export_weights(weights, imgsz=imgsz, batch_size=batch_size, device=device, half=half,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from utils.torch_utils import MEMORY_FORMATS
-from utils.train_config import DistContext, TrainConfig
+from utils.train.config import DistContext, TrainConfig
 
 LOGGER = logging.getLogger("train")
 ROOT = Path(__file__).resolve().parent
@@ -175,7 +175,7 @@ def make_opt(**kwargs) -> argparse.Namespace:
     """train.py's options with ``kwargs`` applied, the hyp file read and checked (or, for --resume,
     the options of the run being resumed)."""
     from utils.config_checks import check_flags, read_yaml
-    from utils.train_setup import check_hyp
+    from utils.train.setup import check_hyp
 
     opt = parse_opt([])
     unknown = [k for k in kwargs if not hasattr(opt, k)]
@@ -220,7 +220,7 @@ def run(**kwargs):
     Example:
         >>> run(data="synthetic.yaml", cfg="yolov5n.yaml", weights="", imgsz=128, epochs=1)  # doctest: +SKIP
     """
-    from utils.trainer import Trainer
+    from utils.train.trainer import Trainer
 
     stop_after_epoch = kwargs.pop("_stop_after_epoch", None)  # test hook: simulate an interruption
     opt = make_opt(**kwargs)
@@ -255,7 +255,7 @@ def run(**kwargs):
 def main(opt: argparse.Namespace) -> int:
     """Run training from parsed flags; library errors become one line and exit code 1."""
     from utils.log import setup_logging
-    from utils.trainer import NonFiniteLossError
+    from utils.train.trainer import NonFiniteLossError
 
     setup_logging(rank=DistContext.from_env().rank)
     if opt.evolve:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from utils.boxes import xyxy2xywh
-from utils.evaluate import EvalOptions, result_tuple, validate
+from utils.eval.evaluate import EvalOptions, result_tuple, validate
 
 LOGGER = logging.getLogger("val")
 ROOT = Path(__file__).resolve().parent
@@ -99,10 +99,10 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
     them (with the plan, histograms and float-vs-INT8 boxes) as quant_report.html and CSV into the run folder.
     `memory_format` (a loaded PyTorch model): 'auto' runs channels_last on CUDA, as training does.
     `compute_loss` (a ComputeLoss of the model) adds the mean validation losses to the results.
-    Training validates its own model in-process with :func:`utils.evaluate.validate`.
+    Training validates its own model in-process with :func:`utils.eval.evaluate.validate`.
     """
     from utils.config_checks import check_flags
-    from utils.data_config import check_img_size, load_data_config
+    from utils.data.data_config import check_img_size, load_data_config
     from utils.paths import increment_path
     from utils.torch_utils import select_device, use_channels_last
 
@@ -141,7 +141,7 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
     saved = f"\n{len(list(writer.labels_dir.glob('*.txt')))} labels saved to {writer.labels_dir}" if save_txt else ""
     LOGGER.info(f"Results saved to {save_dir}{saved}")
     if report:
-        from utils.quant_report import log_report_paths
+        from utils.eval.quant_report import log_report_paths
 
         log_report_paths(report)
     return result_tuple(result)
@@ -149,8 +149,8 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
 
 def _sensitivity_config(weights, device, imgsz, data, calib_images, qat_config, target_drop, batch_size, workers,
                         save_dir):
-    from utils.data_config import check_img_size
-    from utils.ptq_sensitivity import sensitivity_config
+    from utils.data.data_config import check_img_size
+    from utils.eval.ptq_sensitivity import sensitivity_config
     from utils.qat import load_model
 
     model, meta = load_model(weights, device=device, fuse=False)
@@ -179,7 +179,7 @@ def _qat_report(model, dataloader, device, weights, save_dir: Path, ptq: bool = 
         LOGGER.warning(f"WARNING: --qat-report: {weights} is {kind}; nothing to report. Give a QAT checkpoint "
                        "(train.py --qat), or add --ptq to quantize a float .pt first")
         return []
-    from utils.quant_report import report_quantization
+    from utils.eval.quant_report import report_quantization
 
     title = f"{Path(str(weights)).name}, {'PTQ' if ptq else 'QAT checkpoint'}"
     return report_quantization(model, dataloader, device, save_dir, title=title)
@@ -190,7 +190,7 @@ def _load_for_val(weights, device, imgsz, data, ptq, calib_images, qat_config, w
     from utils.qat import load_model
 
     if Path(str(weights)).suffix == ".onnx":
-        from utils.onnx_backend import load_onnx_model
+        from utils.export.onnx_backend import load_onnx_model
 
         model, meta = load_onnx_model(weights, device)
         if not meta["dynamic_hw"] and imgsz != meta["imgsz"][0]:
@@ -201,7 +201,7 @@ def _load_for_val(weights, device, imgsz, data, ptq, calib_images, qat_config, w
     if ptq:
         if meta.get("qat"):
             raise ValueError(f"{weights}: --ptq needs a float checkpoint, this one is already quantized")
-        from utils.data_config import check_img_size
+        from utils.data.data_config import check_img_size
 
         imgsz = check_img_size(imgsz, max(int(model.stride.max()), 32))  # prepare traces at this size
         model = _post_training_quantize(model, device, imgsz, data, calib_images, qat_config, workers)
@@ -210,7 +210,8 @@ def _load_for_val(weights, device, imgsz, data, ptq, calib_images, qat_config, w
 
 def _post_training_quantize(model, device, imgsz, data, calib_images, qat_config, workers):
     """The PTQ baseline: the same prepare and calibration a QAT run starts from, no training."""
-    from utils.qat import calibrate_on_training_images, prepare_qat_model
+    from utils.data.calibration import calibrate_on_training_images
+    from utils.qat import prepare_qat_model
 
     prepared = prepare_qat_model(model, imgsz, qat_config)
     calibrate_on_training_images(prepared, data, imgsz, calib_images, device, workers)
@@ -218,7 +219,7 @@ def _post_training_quantize(model, device, imgsz, data, calib_images, qat_config
 
 
 def _make_dataloader(data, task, imgsz, batch_size, stride, single_cls, workers, rect=True):
-    from utils.dataset import create_dataloader
+    from utils.data.dataset import create_dataloader
     from utils.log import colorstr
 
     split = task if task in ("train", "val", "test") else "val"

@@ -26,7 +26,7 @@ SHARED = Path(os.environ.get("YQ_SHARED", ROOT.parent / "shared"))
 def _calibration_batch(imgsz: int, n: int):
     import torch
 
-    from utils.onnx_check import sample_batch
+    from utils.export.onnx_check import sample_batch
 
     images = sorted((SHARED / "datasets" / "coco128" / "images" / "train2017").glob("*.jpg"))[:n]
     return (sample_batch(images, max(len(images), 1), (imgsz, imgsz)) * 255).round().to(torch.uint8)
@@ -36,8 +36,8 @@ def build_pair(weights: Path, imgsz: int, folder: Path, act: str = "relu", calib
     """(fp32 .onnx, int8 QDQ .onnx) of ``weights`` rebuilt with ``act``, exported at ``imgsz``."""
     from quant.calibrate import calibrate
     from utils.checkpoint import make_checkpoint, save_checkpoint
+    from utils.export.job import export_weights
     from utils.qat import load_model
-    from utils.export_job import export_weights
     from utils.qat import prepare_qat_model, qat_checkpoint_entry
 
     model, _ = load_model(weights, act=act)

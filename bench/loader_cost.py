@@ -40,7 +40,7 @@ def run(source: str, imgsz: int = 640, batch_size: int = 16, batches: int = 24, 
     import torch.utils.data._utils.worker as worker_state
     import yaml
 
-    from utils.dataset import LoadImagesAndLabels
+    from utils.data.dataset import LoadImagesAndLabels
 
     cv2.setNumThreads(0)
     threads = torch.get_num_threads()

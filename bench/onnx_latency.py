@@ -26,7 +26,7 @@ def time_onnx(file: str | Path, batch_size: int = 1, imgsz: int | None = None, i
     """Median/mean ms per batch and images/s of one ONNX file on onnxruntime's CPU provider."""
     import numpy as np
 
-    from utils.onnx_backend import load_onnx_model
+    from utils.export.onnx_backend import load_onnx_model
 
     model, meta = load_onnx_model(file, "cpu", threads=threads, spin=True)
     if iters < 1 or warmup < 0:

@@ -151,7 +151,7 @@ def format_table(rows: list[dict], scored_on: str) -> str:
 
 def scored_on(data_yaml: str) -> str:
     """What an accuracy table was scored on, saying so when the val split is the training split."""
-    from utils.data_config import load_data_config
+    from utils.data.data_config import load_data_config
 
     data = load_data_config(data_yaml)
     same = data.get("val") == data.get("train")

@@ -8,7 +8,7 @@ Usage:
 Every figure is measured side by side in this one process: the variants run in interleaved rounds
 (the order turns by one each round) and each reports its median, so a busy machine slows them alike.
 
-Training step, as utils.trainer takes it with accumulate 1 (forward, ComputeLoss, backward, gradient
+Training step, as utils.train.trainer takes it with accumulate 1 (forward, ComputeLoss, backward, gradient
 clipping, SGD) on one random batch, for the phases of a QAT run (quant.schedule):
 - float;
 - QAT, observers on: epoch 0 of the default schedule (BN batch statistics);
@@ -130,7 +130,7 @@ def _onnx_rows(opt: dict) -> list[dict]:
     import numpy as np
 
     from bench.int8_latency import build_pair
-    from utils.onnx_backend import load_onnx_model
+    from utils.export.onnx_backend import load_onnx_model
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -116,7 +116,7 @@ def run(epochs: int = 20, float_epochs: int = 30, imgsz: int = 128, weights: str
     out_dir = Path(out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     if not data:
-        from utils.synthetic import make_synthetic_dataset
+        from utils.data.synthetic import make_synthetic_dataset
 
         data = str(make_synthetic_dataset(out_dir / "synthetic", n_train=n_train, n_val=n_val, img_size=imgsz))
     common = dict(data=data, imgsz=imgsz, batch_size=batch_size, workers=workers, device=device,

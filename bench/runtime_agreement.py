@@ -8,7 +8,7 @@ QuantizeLinear/DequantizeLinear on its own: the ONNX specification's arithmetic)
 optimisations (what users get), and OpenVINO's CPU plugin with its default settings when the
 ``openvino`` package is installed (it is not a dependency; without it that line is skipped with a
 notice). Per head level: the largest difference in quantization steps, the fraction of values more
-than one step apart and the fraction not identical (utils.onnx_runtimes says how the steps are read
+than one step apart and the fraction not identical (utils.export.onnx_runtimes says how the steps are read
 back). Detections: boxes after NMS (conf 0.25, IoU 0.45) and how many pair up with the reference's
 (same class, IoU >= 0.5). Also prints onnxruntime's optimised-graph conv kernels (QLinearConv vs
 float Conv). Images: ../shared/images, then coco128, letterboxed to the file's fixed size or --imgsz.
@@ -43,7 +43,7 @@ def _input_hw(model: Any, imgsz: int) -> tuple[int, int]:
 
 def compare_runs(ref: list, got: list, codes_of, conf_thres: float, iou_thres: float) -> dict[str, Any]:
     """Per-level step agreement and detection matching of one runtime's outputs against the reference's."""
-    from utils.onnx_runtimes import match_after_nms, step_agreement
+    from utils.export.onnx_runtimes import match_after_nms, step_agreement
 
     levels = len(codes_of(ref[0]))
     per_level = []
@@ -70,8 +70,8 @@ def run(onnx_file: str = "", imgsz: int = 320, n_images: int = 8, images: Option
     import onnx
     import onnxruntime
 
-    from utils.onnx_check import sample_batch
-    from utils.onnx_runtimes import (conv_kernels, head_codes, head_steps, onnxruntime_runner, openvino_runner,
+    from utils.export.onnx_check import sample_batch
+    from utils.export.onnx_runtimes import (conv_kernels, head_codes, head_steps, onnxruntime_runner, openvino_runner,
                                      ort_optimized_ops)
 
     path = Path(onnx_file)

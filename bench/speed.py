@@ -57,8 +57,8 @@ def train_once(name: str, project: Path, **options) -> tuple[dict, Path]:
     """One train.py run in this process; returns (speed of the warm epochs, weights folder)."""
     import train
     from utils.torch_utils import select_device
-    from utils.train_config import TrainConfig
-    from utils.trainer import Trainer
+    from utils.train.config import TrainConfig
+    from utils.train.trainer import Trainer
 
     opt = train.make_opt(project=str(project), name=name, exist_ok=True, noval=True, noplots=True, **options)
     device = select_device(opt.device, batch_size=opt.batch_size)
@@ -74,8 +74,8 @@ def val_speed(weights: Path, data: str, imgsz: int, batch_size: int, device: str
               project: Path) -> dict[str, Any]:
     """val.py over the validation set twice (the first warms caches and kernels); the second is timed."""
     import val
-    from utils.data_config import load_data_config
-    from utils.label_scan import find_image_files
+    from utils.data.data_config import load_data_config
+    from utils.data.label_scan import find_image_files
     from utils.torch_utils import time_sync
 
     kwargs = dict(data=data, weights=str(weights), imgsz=imgsz, batch_size=batch_size, device=device,
@@ -126,7 +126,7 @@ def run(cfg: str = "yolov5s.yaml", imgsz: int = 640, batch_size: Optional[int] =
         upstream_images_per_s: Optional[float] = None, project: Optional[str] = None,
         json_out: Optional[str] = None) -> dict:
     """Train float (upstream settings, then defaults), then QAT, then validate; print and return the table."""
-    from utils.synthetic import make_synthetic_dataset
+    from utils.data.synthetic import make_synthetic_dataset
     from utils.torch_utils import describe_device, select_device
 
     if epochs < 2:

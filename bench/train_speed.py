@@ -9,7 +9,7 @@ Four numbers, printed side by side (and written as JSON with ``--json``):
    hyp.scratch-low) iterated for ``--loader-batches`` batches after ``--warmup``, no model;
 2. float step: a DetectionModel from ``--cfg`` on a device-resident random batch: forward,
    ComputeLoss, backward, gradient clipping and an SGD step, fp16 autocast + GradScaler on CUDA
-   and the trainer's memory format (as utils.trainer does for float training);
+   and the trainer's memory format (as utils.train.trainer does for float training);
 3. QAT step: the same network prepared with utils.qat.prepare_qat_model, same batch, bfloat16
    autocast on CUDA (as the trainer does for QAT); observers calibrate during the first half of
    the timed steps and are frozen for the second half, and each phase is reported;
@@ -90,7 +90,7 @@ def load_hyp(hyp: str | Path | dict) -> dict:
 def resolve_data(data: str | Path | None) -> tuple[Any, int]:
     """(train source, number of classes) of a dataset yaml; None means the synthetic shapes set,
     generated under <repo>/datasets/synthetic on first use."""
-    from utils.trainer import prepare_data
+    from utils.train.trainer import prepare_data
 
     config = prepare_data(data or DEFAULT_DATA)
     return config["train"], int(config["nc"])
@@ -104,7 +104,7 @@ def time_loader(source: Any, imgsz: int, batch_size: int, hyp: dict, batches: in
     The loader is cycled when it has fewer than ``warmup + batches`` batches (its workers persist).
     Augmentation runs in the workers, so with ``workers`` > 0 this is their combined throughput.
     """
-    from utils.dataset import create_dataloader
+    from utils.data.dataset import create_dataloader
 
     t0 = time.perf_counter()
     loader, dataset = create_dataloader(source, imgsz, batch_size, stride, hyp=hyp, augment=True,
@@ -158,14 +158,14 @@ def build_float_model(cfg: str | Path, nc: int, act: Optional[str], device: torc
 
 
 class TrainStep:
-    """One optimisation step as utils.trainer takes it with accumulate == 1 (no warm-up LR ramp).
+    """One optimisation step as utils.train.trainer takes it with accumulate == 1 (no warm-up LR ramp).
     ``forward``: what runs the model's forward, as the trainer's ``train_forward`` (default: ``model``)."""
 
     def __init__(self, model: nn.Module, hyp: dict, imgsz: int, batch_size: int, device: torch.device,
                  amp_dtype: torch.dtype, ema: bool = False, forward: Optional[Callable] = None):
-        from utils.loss import ComputeLoss, find_detect
         from utils.torch_utils import ModelEMA
-        from utils.train_setup import make_optimizer, scale_loss_gains
+        from utils.train.loss import ComputeLoss, find_detect
+        from utils.train.setup import make_optimizer, scale_loss_gains
 
         head = find_detect(model)
         gains = scale_loss_gains(hyp, int(head.nl), int(head.nc), imgsz, 0.0)
@@ -331,7 +331,7 @@ def run(cfg: str | Path = "yolov5s.yaml", imgsz: int = 640, batch_size: Optional
     ``batch_size`` None: 64 on CUDA, 8 on CPU. ``loader_batches`` None: ``steps``, at least 30 (cheap, and
     short loader runs are noisy).
     """
-    from utils.data_config import check_img_size
+    from utils.data.data_config import check_img_size
     from utils.torch_utils import select_device, use_channels_last
 
     if steps < 2:

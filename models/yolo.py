@@ -70,7 +70,7 @@ class Detect(nn.Module):
     def forward(self, x: list[torch.Tensor], image: torch.Tensor | None = None) -> Any:
         """``image`` (the network input), when given, supplies the batch size and grid sizes, so an
         ONNX export with free height/width reads them from the input's shape and never from a head
-        conv's (quantized) output; see :func:`utils.onnx_export.route_image_to_head`."""
+        conv's (quantized) output; see :func:`utils.export.onnx_export.route_image_to_head`."""
         x = list(x)
         z = []
         for i in range(self.nl):

@@ -11,7 +11,7 @@ IMG=${IMG:-192}
 FLOAT_EPOCHS=${FLOAT_EPOCHS:-60}
 QAT_EPOCHS=${QAT_EPOCHS:-3}
 DATA=datasets/synthetic/synthetic.yaml
-"$PY" -m utils.synthetic --out datasets/synthetic --n-train 512 --n-val 64 --img-size 256
+"$PY" -m utils.data.synthetic --out datasets/synthetic --n-train 512 --n-val 64 --img-size 256
 "$PY" train.py --data "$DATA" --cfg yolov5p.yaml --weights '' --act relu --img "$IMG" \
   --epochs "$FLOAT_EPOCHS" --batch-size 32 --workers 2 --project "$OUT" --name float --exist-ok --noplots --noval
 "$PY" train.py --qat --weights "$OUT/float/weights/best.pt" --data "$DATA" --img "$IMG" \

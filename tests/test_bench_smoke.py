@@ -13,7 +13,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from utils.synthetic import make_synthetic_dataset
+    from utils.data.synthetic import make_synthetic_dataset
 
     return make_synthetic_dataset(tmp_path_factory.mktemp("syn"), n_train=4, n_val=1, img_size=64)
 

@@ -56,7 +56,7 @@ def test_loader_cost_runs_like_a_worker(tmp_path):
     import torch.utils.data._utils.worker as worker_state
 
     from bench.loader_cost import run as loader_cost
-    from utils.synthetic import make_synthetic_dataset
+    from utils.data.synthetic import make_synthetic_dataset
 
     make_synthetic_dataset(tmp_path / "syn", n_train=8, n_val=1, img_size=64)
     result = loader_cost(str(tmp_path / "syn" / "images" / "train"), imgsz=64, batch_size=4, batches=3)

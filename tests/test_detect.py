@@ -16,7 +16,7 @@ import detect
 import val
 from models.yolo import DetectionModel
 from utils.checkpoint import make_checkpoint, save_checkpoint
-from utils.export_job import export_weights
+from utils.export.job import export_weights
 from utils.qat import prepare_qat_model, qat_checkpoint_entry
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def test_boxes_equal_val_predictions(yolov5n, shared_dir, coco128_yaml, tmp_path
 
 
 def test_label_rows_format():
-    from utils.predict import label_rows
+    from utils.detect.output import label_rows
 
     boxes = torch.tensor([[10.0, 20.0, 50.0, 60.0, 0.87654321, 5.0], [0.0, 0.0, 200.0, 100.0, 0.5, 0.0]])
     assert label_rows(boxes, (100, 200, 3)) == ["0 0.5 0.5 1 1", "5 0.15 0.4 0.2 0.4"]

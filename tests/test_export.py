@@ -17,11 +17,11 @@ import onnx
 import onnxruntime as ort
 
 import export  # noqa: E402
+from utils.export.job import export_weights, names_from_data, normalise_imgsz  # noqa: E402
+from utils.export.onnx_backend import decode_raw_maps, import_optional, load_onnx_model, parse_metadata  # noqa: E402
+from utils.export.onnx_check import FLOAT_TOL, compare_outputs  # noqa: E402
+from utils.export.onnx_export import ExportError, check_include, simplify_onnx  # noqa: E402
 from utils.qat import load_model  # noqa: E402
-from utils.export_job import export_weights, names_from_data, normalise_imgsz  # noqa: E402
-from utils.onnx_backend import decode_raw_maps, import_optional, load_onnx_model, parse_metadata  # noqa: E402
-from utils.onnx_check import FLOAT_TOL, compare_outputs  # noqa: E402
-from utils.onnx_export import ExportError, check_include, simplify_onnx  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -121,8 +121,8 @@ def test_val_on_onnx_matches_torch(kind, static320, dynamic256, default320, torc
     """Dynamic files take the rectangular batches val uses for PyTorch; a static file can only take its
     exported shape, so both models see square letterboxed batches (rect=False, as upstream's val.py
     does for every non-PyTorch backend)."""
-    from utils.dataset import create_dataloader
-    from utils.evaluate import EvalOptions, evaluate
+    from utils.data.dataset import create_dataloader
+    from utils.eval.evaluate import EvalOptions, evaluate
 
     result = {"static": static320, "dynamic": dynamic256, "default": default320}[kind][0]
     images = sorted((shared_dir / "datasets" / "coco128" / "images" / "train2017").glob("*.jpg"))[:64]
@@ -177,7 +177,7 @@ def test_tolerance_rule_scales_per_column():
 
 
 def test_disagreement_fails_loudly(tmp_path, shared_dir, monkeypatch, caplog):
-    import utils.onnx_check as onnx_check
+    import utils.export.onnx_check as onnx_check
 
     weights = Path(shutil.copy(shared_dir / "weights" / "yolov5n.pt", tmp_path / "yolov5n.pt"))
     real = onnx_check._torch_outputs

@@ -1,4 +1,5 @@
-"""Imports point down: scripts -> library, quant/ stands alone, and no package module imports in a cycle.
+"""Imports point down: scripts -> library, quant/ stands alone, utils/ wings are layered, and no package
+module imports in a cycle.
 
 The graph is read from the source (every ``import`` statement, including those inside functions), so
 a lazy import counts as much as a top-level one.
@@ -11,6 +12,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("utils", "models", "quant")
 SCRIPTS = ("train", "val", "export", "detect")
+
+# utils/ wings (sub-packages) and the other wings each may import; every utils module may import the
+# modules at the root of utils/ (boxes, paths, log, checkpoint, qat, ...), which import no wing ("").
+WING_IMPORTS = {
+    "": set(),
+    "data": set(),
+    "eval": {"data"},
+    "export": {"data", "eval"},
+    "detect": {"data", "eval", "export"},
+    "train": {"data", "eval"},
+}
 
 
 def _module_name(path: Path) -> str:
@@ -82,8 +94,9 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_graph_sees_the_packages():
     graph = import_graph()
-    assert "utils.evaluate" in graph and "quant.prepare" in graph and "models.yolo" in graph
-    assert "utils.boxes" in graph["utils.evaluate"]
+    assert "utils.eval.evaluate" in graph and "quant.prepare" in graph and "models.yolo" in graph
+    assert "utils.boxes" in graph["utils.eval.evaluate"]
+    assert "utils.data.dataset" in graph["utils.train.trainer"]
 
 
 def test_no_library_module_imports_a_script():
@@ -111,3 +124,39 @@ def test_models_import_only_models():
     bad = sorted(f"{m} imports {d}" for m, deps in import_graph().items() if m.split(".")[0] == "models"
                  for d in deps if d.split(".")[0] != "models")
     assert not bad, "models/ builds detectors from yaml alone: " + "; ".join(bad)
+
+
+def _wing(module: str):
+    """The utils/ wing a module belongs to ("" for the root of utils/), None outside utils/ or for utils itself."""
+    parts = module.split(".")
+    if parts[0] != "utils" or len(parts) == 1:
+        return None
+    return parts[1] if len(parts) > 2 or parts[1] in WING_IMPORTS else ""
+
+
+def test_wing_of_a_module():
+    assert _wing("utils.boxes") == "" and _wing("utils.data") == "data" and _wing("utils.train.loss") == "train"
+    assert _wing("utils") is None and _wing("models.yolo") is None
+
+
+def test_utils_wings_import_only_the_wings_below():
+    bad = []
+    for module, deps in import_graph().items():
+        wing = _wing(module)
+        if wing is None:
+            continue
+        allowed = {"", wing} | WING_IMPORTS[wing]
+        bad += [f"{module} imports {d}" for d in sorted(deps) if _wing(d) not in allowed | {None}]
+    assert not bad, "a utils/ wing imports only the root of utils/ and the wings below it: " + "; ".join(bad)
+
+
+def test_every_utils_folder_is_a_listed_wing():
+    folders = {p.parent.name for p in (REPO / "utils").glob("*/__init__.py")}
+    assert folders == set(WING_IMPORTS) - {""}, "add a new utils/ wing to WING_IMPORTS with what it may import"
+
+
+def test_wing_packages_hold_a_docstring_only():
+    for init in sorted((REPO / "utils").glob("*/__init__.py")):
+        body = ast.parse(init.read_text(encoding="utf-8")).body
+        assert len(body) == 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant), \
+            f"{init.relative_to(REPO)}: a wing's __init__.py only describes it (no imports, no code)"

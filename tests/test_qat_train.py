@@ -25,15 +25,15 @@ import val
 from quant.config import LayerRule, QuantConfig
 from quant.fake_quant import Pow2FakeQuantize
 from quant.prepare import ACT_QUANT, prepare
-from quant.schedule import iter_quantizers
 from quant.report import quantizer_table
+from quant.schedule import iter_quantizers
+from utils.data.data_config import load_data_config
+from utils.data.dataset import create_dataloader
+from utils.data.synthetic import make_synthetic_dataset
+from utils.eval.evaluate import EvalOptions, validate
 from utils.qat import load_model
-from utils.data_config import load_data_config
-from utils.dataset import create_dataloader
-from utils.evaluate import EvalOptions, validate
-from utils.loss import ComputeLoss
 from utils.qat import prepare_qat_model
-from utils.synthetic import make_synthetic_dataset
+from utils.train.loss import ComputeLoss
 from tiny_nets import AddConcatNet
 
 LOGGER = logging.getLogger(__name__)
@@ -337,7 +337,7 @@ def _sync_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         for _ in range(3):
             model(torch.randn(4, 3, 16, 16, generator=gen) * (1 + rank))
         before = {k: v.clone() for k, v in model.state_dict().items() if _is_quant_key(k)}
-        for _, q in iter_quantizers(model):  # as utils.trainer._qat_step before freezing observers
+        for _, q in iter_quantizers(model):  # as utils.train.trainer._qat_step before freezing observers
             q.sync_across_ranks()
         after = {k: v.clone() for k, v in model.state_dict().items() if _is_quant_key(k)}
         gathered: list = [None] * world
@@ -366,7 +366,7 @@ def test_qat_defaults_no_warmup_no_autoanchor(float_best, data_yaml, work, monke
 
     import yaml
 
-    import utils.trainer as trainer_module
+    import utils.train.trainer as trainer_module
 
     calls = []
     monkeypatch.setattr(trainer_module, "check_anchors", lambda *args, **kwargs: calls.append(args))
@@ -383,7 +383,7 @@ def test_qat_defaults_no_warmup_no_autoanchor(float_best, data_yaml, work, monke
 
 
 def test_warmup_iterations_rule():
-    from utils.train_setup import warmup_iterations
+    from utils.train.setup import warmup_iterations
 
     assert warmup_iterations(0, 8) == 0 and warmup_iterations(0.0, 1000) == 0
     assert warmup_iterations(3, 8) == 100  # upstream's floor when there is a warmup

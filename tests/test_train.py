@@ -1,4 +1,4 @@
-"""Tests for train.py and utils.trainer: outputs, exact resume, activation choice, non-finite guard,
+"""Tests for train.py and utils.train.trainer: outputs, exact resume, activation choice, non-finite guard,
 CLI errors and a 2-process DDP run; all on a tiny synthetic dataset at 64 px on the CPU."""
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from torch import nn
 
 import train
 import val
-from utils import trainer as trainer_mod
-from utils.callbacks_log import RESULT_KEYS
+from utils.data.synthetic import make_synthetic_dataset
 from utils.qat import load_model
-from utils.loss import ComputeLoss
-from utils.synthetic import make_synthetic_dataset
+from utils.train import trainer as trainer_mod
+from utils.train.callbacks import RESULT_KEYS
+from utils.train.loss import ComputeLoss
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = dict(cfg="yolov5n.yaml", weights="", imgsz=64, batch_size=8, workers=0, device="cpu", exist_ok=False)

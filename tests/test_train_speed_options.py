@@ -11,7 +11,7 @@ import torch
 
 import train
 from models.yolo import DetectionModel
-from utils.synthetic import make_synthetic_dataset
+from utils.data.synthetic import make_synthetic_dataset
 from utils.torch_utils import ModelEMA, smart_optimizer, use_channels_last
 
 BASE = dict(cfg="yolov5p.yaml", weights="", imgsz=64, batch_size=4, workers=0, device="cpu", epochs=1,

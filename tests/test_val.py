@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-import utils.dataset as dataset_module
+import utils.data.dataset as dataset_module
 import val
-from utils.synthetic import make_synthetic_dataset
+from utils.data.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 ORDER_FILE = Path(__file__).parent / "data" / "coco128_rect_order_numpy126.json"

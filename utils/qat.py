@@ -90,24 +90,6 @@ def is_prepared(model: Any) -> bool:
     return isinstance(model, PreparedModel)
 
 
-def calibrate_on_training_images(prepared: nn.Module, data: dict, imgsz: int, n_images: int, device: Any = "cpu",
-                                 workers: int = 2) -> dict:
-    """PTQ of a prepared model on up to `n_images` training images (quant.ptq: calibration, then bias
-    correction when its config asks): what `val.py --ptq` scores and where a QAT run starts.
-
-    The images are letterboxed squares without augmentation, in a seeded random order: rect batches
-    come sorted by aspect ratio, so the first N of them would be a biased sample."""
-    from quant.ptq import post_training_quantize
-    from utils.dataset import create_dataloader
-    from utils.log import colorstr
-
-    stride = max(int(prepared.stride.max()), 32)
-    source = data.get("train") or data["val"]
-    loader = create_dataloader(source, imgsz, 32, stride, rect=False, workers=workers, shuffle=True,
-                               prefix=colorstr("calibration: "))[0]
-    return post_training_quantize(prepared, loader, n_images, prepared.quant_config, device)
-
-
 def qat_checkpoint_entry(prepared: nn.Module) -> dict:
     """The plain-data 'quant' entry of a QAT checkpoint."""
     return {"version": QAT_ENTRY_VERSION, "config": prepared.quant_config.to_dict(),

@@ -8,4 +8,4 @@ cd "$here/.."
 if [ "$#" -eq 0 ]; then
   set -- yolov5n.pt yolov5s.pt
 fi
-exec python -m utils.downloads --weights "$@" --dest "$here"
+exec python -m utils.data.downloads --weights "$@" --dest "$here"

@@ -14,7 +14,7 @@ from onnx import numpy_helper  # noqa: E402
 from models.yolo import DetectionModel  # noqa: E402
 from quant.schedule import iter_quantizers  # noqa: E402
 from utils.checkpoint import make_checkpoint, save_checkpoint  # noqa: E402
-from utils.export_job import export_weights  # noqa: E402
+from utils.export.job import export_weights  # noqa: E402
 from utils.qat import prepare_qat_model, qat_checkpoint_entry  # noqa: E402
 
 
@@ -109,7 +109,7 @@ def test_onnxruntime_runs_every_conv_on_integer_kernels(exported):
     conv output (those Shape readers once kept the three head convs float, and made OpenVINO misapply
     their biases)."""
     from quant.qdq_onnx import read_steps
-    from utils.onnx_runtimes import ConvKernels, conv_kernels, ort_optimized_ops
+    from utils.export.onnx_runtimes import ConvKernels, conv_kernels, ort_optimized_ops
 
     _, result, model = exported
     assert conv_kernels(ort_optimized_ops(result.file)) == ConvKernels(integer=60, float=0)
@@ -120,10 +120,10 @@ def test_onnxruntime_runs_every_conv_on_integer_kernels(exported):
 def test_runtime_agreement_bench_on_the_export(exported, shared_dir, monkeypatch, capsys):
     """bench/runtime_agreement.py without OpenVINO: onnxruntime with all optimisations equals its
     unoptimised run (the specification's arithmetic) on every head value and box."""
-    import utils.onnx_runtimes
+    import utils.export.onnx_runtimes
     from bench.runtime_agreement import run
 
-    monkeypatch.setattr(utils.onnx_runtimes, "openvino_runner", lambda path: None)
+    monkeypatch.setattr(utils.export.onnx_runtimes, "openvino_runner", lambda path: None)
     _, result, _ = exported
     out = run(str(result.file), imgsz=64, images=[str(shared_dir / "images" / "bus.jpg")])
     assert (out["ort_qlinearconv"], out["ort_float_conv"]) == (60, 0) and out["head_steps"] == [1 / 16] * 3
@@ -139,7 +139,7 @@ def test_openvino_guards_are_exact_and_keep_integer_kernels(exported, tmp_path):
     import onnxruntime as ort
 
     from quant.qdq_onnx import openvino_guards
-    from utils.onnx_runtimes import ConvKernels, conv_kernels, ort_optimized_ops
+    from utils.export.onnx_runtimes import ConvKernels, conv_kernels, ort_optimized_ops
 
     _, result, model = exported
     guarded = onnx.ModelProto()
@@ -202,7 +202,7 @@ def test_qdq_map_matches_pytorch(tmp_path, shared_dir):
                                 "names": [str(i) for i in range(80)]}))
     model, _ = load_model(shared_dir / "weights" / "yolov5n.pt")
     prepared = prepare_qat_model(model, 160)
-    from utils.onnx_check import sample_batch
+    from utils.export.onnx_check import sample_batch
 
     batches = [(sample_batch(images[:4], 4, (160, 160)) * 255).round().to(torch.uint8)]
     calibrate(prepared, batches, 4)

@@ -16,7 +16,7 @@ import train
 from models.yolo import DetectionModel
 from utils.checkpoint import CheckpointError, UnsafeCheckpointError, load_checkpoint, make_checkpoint, \
     save_checkpoint
-from utils.synthetic import make_synthetic_dataset
+from utils.data.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 

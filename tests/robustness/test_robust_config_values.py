@@ -14,8 +14,8 @@ import train
 import val
 from models.yolo import DetectionModel
 from utils.config_checks import ConfigError
-from utils.data_config import DataConfigError, load_data_config
-from utils.synthetic import make_synthetic_dataset
+from utils.data.data_config import DataConfigError, load_data_config
+from utils.data.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 HYP = REPO / "data/hyps/hyp.scratch-low.yaml"

@@ -19,10 +19,10 @@ import yaml
 from PIL import Image
 
 import train
-from utils.data_config import DataConfigError, load_data_config
-from utils.dataset import LoadImagesAndLabels
-from utils.label_scan import DatasetError, default_cache_path, find_image_files, img2label_paths, scan_labels
-from utils.synthetic import make_synthetic_dataset
+from utils.data.data_config import DataConfigError, load_data_config
+from utils.data.dataset import LoadImagesAndLabels
+from utils.data.label_scan import DatasetError, default_cache_path, find_image_files, img2label_paths, scan_labels
+from utils.data.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,7 +15,7 @@ import train
 import utils.checkpoint as checkpoint_mod
 from models.yolo import DetectionModel
 from utils.checkpoint import CheckpointWriteError, load_checkpoint, make_checkpoint, save_checkpoint
-from utils.synthetic import make_synthetic_dataset
+from utils.data.synthetic import make_synthetic_dataset
 
 
 class _FullDisk:

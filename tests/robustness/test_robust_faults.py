@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.callbacks_log import RESULT_KEYS, ResultsLogger
-from utils.synthetic import make_synthetic_dataset
+from utils.data.synthetic import make_synthetic_dataset
+from utils.train.callbacks import RESULT_KEYS, ResultsLogger
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -12,10 +12,10 @@ import pytest
 import yaml
 
 import train
-from utils.augment import random_perspective
-from utils.dataset import LoadImagesAndLabels
-from utils.label_scan import default_cache_path, find_image_files, img2label_paths, scan_labels
-from utils.synthetic import make_synthetic_dataset
+from utils.data.augment import random_perspective
+from utils.data.dataset import LoadImagesAndLabels
+from utils.data.label_scan import default_cache_path, find_image_files, img2label_paths, scan_labels
+from utils.data.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 HYP = yaml.safe_load((REPO / "data/hyps/hyp.scratch-low.yaml").read_text())

@@ -13,8 +13,8 @@ import yaml
 
 import train
 from models.yolo import DetectionModel
-from utils.synthetic import make_synthetic_dataset
-from utils.train_setup import REQUIRED_HYP_KEYS, check_hyp
+from utils.data.synthetic import make_synthetic_dataset
+from utils.train.setup import REQUIRED_HYP_KEYS, check_hyp
 
 REPO = Path(__file__).resolve().parents[2]
 HYP = REPO / "data/hyps/hyp.scratch-low.yaml"

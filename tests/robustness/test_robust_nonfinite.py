@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import train
-import utils.trainer as trainer_mod
+import utils.train.trainer as trainer_mod
 from models.yolo import DetectionModel
 from utils.checkpoint import CheckpointError, make_checkpoint, save_checkpoint
+from utils.data.synthetic import make_synthetic_dataset
 from utils.qat import load_model
-from utils.loss import ComputeLoss
-from utils.synthetic import make_synthetic_dataset
-from utils.train_guard import NonFiniteLossError
+from utils.train.guard import NonFiniteLossError
+from utils.train.loss import ComputeLoss
 
 REPO = Path(__file__).resolve().parents[2]
 

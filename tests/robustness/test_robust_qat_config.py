@@ -13,8 +13,8 @@ import torch
 from models.yolo import DetectionModel
 from quant.config import QuantConfig
 from utils.checkpoint import make_checkpoint, save_checkpoint
+from utils.data.synthetic import make_synthetic_dataset
 from utils.qat import DEFAULT_QAT_CONFIG, load_quant_config, prepare_qat_model
-from utils.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -14,7 +14,7 @@ import train
 import val
 from models.yolo import DetectionModel
 from tiny_nets import yolov5p_checkpoints
-from utils.synthetic import make_synthetic_dataset
+from utils.data.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.synthetic import make_synthetic_dataset
+from utils.data.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
