@@ -12,6 +12,7 @@ import operator
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -328,7 +329,8 @@ def test_ddp_qat_two_processes(float_best, data_yaml, tmp_path, warm_qat_hyp, va
 
 
 def _sync_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))  # a failed rank fails the test, not hangs it
     try:
         torch.manual_seed(0)  # identical initial weights on every rank
         config = QuantConfig(rules=(LayerRule("head", activation={"rounding": "mse"}),))

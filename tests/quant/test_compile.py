@@ -36,9 +36,11 @@ def _losses(model, forward, x, steps: int = 20, on_phase=lambda step: None) -> l
 
 
 @pytest.mark.parametrize("observer", ["ema_minmax", "histogram"])
-def test_compiled_qat_steps_match_eager(observer):
+def test_compiled_qat_steps_match_eager(observer, monkeypatch):
+    import torch._inductor.config
     from torch._dynamo.utils import counters
 
+    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)  # no worker pool left behind for later tests
     torch.manual_seed(0)
     rounding = "ceil" if observer == "ema_minmax" else "mse"
     config = QuantConfig.from_dict({"activation": {"observer": observer, "rounding": rounding}})

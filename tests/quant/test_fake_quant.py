@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from datetime import timedelta
 
 import pytest
 import torch
@@ -240,7 +241,8 @@ def test_channel_mismatch_raises():
 def _sync_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))  # a failed rank fails the test, not hangs it
     try:
         torch.manual_seed(rank)
         quantizers = {

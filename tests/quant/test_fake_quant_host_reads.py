@@ -4,6 +4,7 @@ enable methods, an in-place write of the exponent, DDP's buffer broadcast — is
 from __future__ import annotations
 
 import copy
+from datetime import timedelta
 
 import pytest
 import torch
@@ -135,7 +136,8 @@ class _QuantizedLinear(torch.nn.Module):
 def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=120))  # a failed rank fails the test, not hangs it
     try:
         torch.manual_seed(0)
         model = _QuantizedLinear().train()
