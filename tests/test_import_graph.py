@@ -96,7 +96,7 @@ def test_graph_sees_the_packages():
     graph = import_graph()
     assert "utils.eval.evaluate" in graph and "quant.prepare" in graph and "models.yolo" in graph
     assert "utils.boxes" in graph["utils.eval.evaluate"]
-    assert "utils.data.dataset" in graph["utils.train.trainer"]
+    assert "utils.data.dataset" in graph["utils.train.setup"]
 
 
 def test_no_library_module_imports_a_script():

@@ -5,6 +5,7 @@ capture for exact resumes, and our plain-data training checkpoints.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,64 @@ def warmup_iterations(warmup_epochs: float, batches_per_epoch: int) -> int:
 def lr_lambda(cos_lr: bool, lrf: float, epochs: int):
     """The per-epoch LR factor: cosine one-cycle or linear decay to ``lrf``."""
     return one_cycle(1, lrf, epochs) if cos_lr else linear_lr(lrf, epochs)
+
+
+def describe_schedule(cfg: Any, hyp: dict, lf, nb: int, nw: int, qat_schedule: Any = None,
+                      threshold_opt: Any = None, distill: Any = None) -> str:
+    """The effective schedule in one line: what the run will really do, printed before it starts
+    (``lf`` the LR lambda, ``nb`` batches per epoch, ``nw`` warm-up iterations; the QAT parts when given)."""
+    lr0 = float(hyp["lr0"])
+    text = (f"lr {lr0:g} -> {lr0 * lf(cfg.epochs - 1):g} ({'cosine' if cfg.cos_lr else 'linear'} over "
+            f"{cfg.epochs} epochs of {nb} batches), "
+            + (f"warmup {nw} iterations" if nw else "no warmup (lr0 from the first step)"))
+    if qat_schedule is not None:
+        sched = qat_schedule.schedule
+        obs = sched.observer_batches(nb)
+        text += (f"; QAT observers {'calibrate for ' + str(obs) + ' batches' if obs else 'frozen from the start'}"
+                 f", BN statistics " + (f"frozen from epoch {sched.freeze_bn_epoch}" if sched.freeze_bn_epoch >= 0
+                                        else "never frozen"))
+        if threshold_opt is not None:
+            text += f", thresholds trained from batch {obs} (Adam lr {threshold_opt.defaults['lr']:g})"
+        if distill is not None:
+            text += f", distillation gain {distill.gain:g}"
+    return text
+
+
+def make_loaders(cfg: Any, data: dict, hyp: dict, imgsz: int, gs: int, nc: int, dist: Any) -> tuple:
+    """(train loader, its dataset, val loader or None): the validation loader is built on the main
+    process only; a label class beyond ``nc`` is refused naming the dataset."""
+    from contextlib import nullcontext
+
+    from utils.data.dataset import create_dataloader
+    from utils.log import colorstr
+    from utils.torch_utils import torch_distributed_zero_first
+
+    rank, batch = dist.rank, cfg.batch_size // dist.world_size
+    with torch_distributed_zero_first(dist.local_rank) if rank != -1 else nullcontext():
+        train_loader, dataset = create_dataloader(
+            data["train"], imgsz, batch, gs, cfg.single_cls, hyp=hyp, augment=True, cache=cfg.cache, rect=cfg.rect,
+            rank=dist.local_rank, workers=cfg.workers, shuffle=True, prefix=colorstr("train: "), seed=cfg.seed,
+            global_rank=rank)
+    labels = np.concatenate(dataset.labels, 0)
+    if len(labels) and int(labels[:, 0].max()) >= nc:
+        raise ValueError(f"{cfg.data}: label class {int(labels[:, 0].max())} exceeds nc={nc}; "
+                         f"possible class labels are 0-{nc - 1}")
+    val_loader = None
+    if dist.main:
+        val_loader = create_dataloader(
+            data["val"], imgsz, batch * 2, gs, cfg.single_cls, hyp=hyp, cache=None if cfg.noval else cfg.cache,
+            rect=True, rank=-1, workers=cfg.workers * 2, pad=0.5, prefix=colorstr("val: "), global_rank=rank)[0]
+    return train_loader, dataset, val_loader
+
+
+def random_rescale(imgs: torch.Tensor, imgsz: int, gs: int) -> torch.Tensor:
+    """--multi-scale: the batch resized to a random multiple of the stride ``gs`` in [0.5, 1.5] x imgsz."""
+    sz = random.randrange(int(imgsz * 0.5), int(imgsz * 1.5) + gs) // gs * gs
+    sf = sz / max(imgs.shape[2:])
+    if sf != 1:
+        ns = [math.ceil(x * sf / gs) * gs for x in imgs.shape[2:]]
+        imgs = nn.functional.interpolate(imgs, size=ns, mode="bilinear", align_corners=False)
+    return imgs
 
 
 def scale_loss_gains(hyp: dict, nl: int, nc: int, imgsz: int, label_smoothing: float) -> dict:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,9 +24,8 @@ from torch import nn
 from tqdm import tqdm
 
 from quant.threshold import is_threshold_parameter
-from utils.checkpoint import CheckpointRecord, save_checkpoint
+from utils.checkpoint import CheckpointRecord
 from utils.data.data_config import check_img_size
-from utils.data.dataset import create_dataloader
 from utils.eval.evaluate import EvalOptions, result_tuple, validate
 from utils.eval.metrics import fitness
 from utils.eval.plots import plot_images, plot_results
@@ -38,11 +36,14 @@ from utils.torch_utils import EarlyStopping, ModelEMA, de_parallel, torch_distri
 from utils.train.autoanchor import check_anchors
 from utils.train.callbacks import ResultsLogger
 from utils.train.config import DistContext, TrainConfig
+from utils.train.forward import TrainingForward, wrap_ddp
 from utils.train.guard import NonFiniteLossError, StepGuard, StopOnSigint
 from utils.train.loss import ComputeLoss
 from utils.train.qat_training import distillation_from_options, prepare_for_training, threshold_optimizer_from_hyp
-from utils.train.setup import (build_model, freeze_layers, get_rng_state, lr_lambda, make_optimizer, prepare_data,
-                               resume_from, scale_loss_gains, set_rng_state, strip_checkpoint, training_checkpoint,
+from utils.train.saving import CheckpointFiles
+from utils.train.setup import (build_model, describe_schedule, freeze_layers, get_rng_state, lr_lambda,
+                               make_loaders, make_optimizer, prepare_data, random_rescale, resume_from,
+                               scale_loss_gains, set_rng_state, strip_checkpoint, training_checkpoint,
                                warmup_iterations)
 
 LOGGER = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ class Trainer:
         self.qat = cfg.qat
         self.qat_calibrated = False  # QAT: ranges calibrated before the first step (PTQ state or QAT checkpoint)
         self.wdir = self.save_dir / "weights"
-        self.last, self.best = self.wdir / "last.pt", self.wdir / "best.pt"
+        self.files = CheckpointFiles(self.wdir, cfg.save_period, self.main)
+        self.last, self.best = self.files.last, self.files.best
         self.interrupted = False
         self.results: tuple = (0, 0, 0, 0, 0, 0, 0)
         self.epoch_speed: list[dict] = []  # per trained epoch: images, seconds (loader waits included)
@@ -125,23 +127,12 @@ class Trainer:
             else:  # torch's SyncBatchNorm runs on accelerators only
                 LOGGER.warning("WARNING: --sync-bn needs CUDA; training with per-process BatchNorm on CPU")
         self._make_loaders(model)
-        self.model = self._wrap_ddp(model)
+        self.model = wrap_ddp(model, self.dist, self.cuda)
         # the gradient-norm clip covers the network's parameters; trained thresholds are Adam's (own scale)
         self.clip_params = [p for n, p in self.model.named_parameters() if not is_threshold_parameter(n)]
-        self._compiled_forwards: dict[int, nn.Module] = {}
-        self.train_forward = self._compiled(self.model) if opt.compile else self.model
+        self.forwards = TrainingForward(self.model, opt.compile, single_process=self.rank == -1)
+        self.train_forward = self.forwards.pick()
         self._attach_attributes()
-
-    def _compiled(self, model: nn.Module) -> nn.Module:
-        """torch.compile'd forward for training steps only; EMA, checkpoints and validation keep using
-        the plain module, so nothing saved depends on the compiler. One compiled wrapper per module (QAT
-        switches to the frozen view); a QAT phase change recompiles once (quantizer flags are Python state)."""
-        compiled = self._compiled_forwards.get(id(model))
-        if compiled is None:
-            if not self._compiled_forwards:
-                LOGGER.info(colorstr("compile: ") + "torch.compile on the training forward; the first steps compile")
-            compiled = self._compiled_forwards[id(model)] = torch.compile(model)
-        return compiled
 
     def _prepare_qat(self, model: nn.Module, record: CheckpointRecord | None) -> nn.Module:
         """Swap in the fake-quantized model (utils.train.qat_training). AMP under QAT: autocast runs in bfloat16
@@ -155,36 +146,15 @@ class Trainer:
 
     def _make_loaders(self, model: nn.Module) -> None:
         opt = self.cfg
-        with torch_distributed_zero_first(self.local_rank) if self.rank != -1 else nullcontext():
-            self.train_loader, self.dataset = create_dataloader(
-                self.data["train"], self.imgsz, opt.batch_size // self.world_size, self.gs, opt.single_cls,
-                hyp=self.hyp, augment=True, cache=opt.cache, rect=opt.rect, rank=self.local_rank,
-                workers=opt.workers, shuffle=True, prefix=colorstr("train: "), seed=opt.seed, global_rank=self.rank)
-        labels = np.concatenate(self.dataset.labels, 0)
-        if len(labels) and int(labels[:, 0].max()) >= self.nc:
-            raise ValueError(f"{opt.data}: label class {int(labels[:, 0].max())} exceeds nc={self.nc}; "
-                             f"possible class labels are 0-{self.nc - 1}")
-        self.val_loader = None
-        if self.main:
-            self.val_loader = create_dataloader(
-                self.data["val"], self.imgsz, opt.batch_size // self.world_size * 2, self.gs, opt.single_cls,
-                hyp=self.hyp, cache=None if opt.noval else opt.cache, rect=True, rank=-1,
-                workers=opt.workers * 2, pad=0.5, prefix=colorstr("val: "), global_rank=self.rank)[0]
-            if not opt.resume:
-                if self.qat and not opt.noautoanchor:
-                    # the head was trained (and calibrated) for its anchors: new ones would undo that
-                    LOGGER.info(colorstr("AutoAnchor: ") + "skipped for QAT: the model keeps the anchors it was trained with")
-                elif not opt.noautoanchor:
-                    check_anchors(self.dataset, model=model, thr=self.hyp["anchor_t"], imgsz=self.imgsz)
-                model.half().float()  # pre-reduce anchor precision, as upstream
-
-    def _wrap_ddp(self, model: nn.Module) -> nn.Module:
-        if self.rank == -1:
-            return model
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ids = [self.local_rank] if self.cuda else None
-        return DDP(model, device_ids=ids, output_device=self.local_rank if self.cuda else None)
+        self.train_loader, self.dataset, self.val_loader = make_loaders(
+            opt, self.data, self.hyp, self.imgsz, self.gs, self.nc, self.dist)
+        if self.main and not opt.resume:
+            if self.qat and not opt.noautoanchor:
+                # the head was trained (and calibrated) for its anchors: new ones would undo that
+                LOGGER.info(colorstr("AutoAnchor: ") + "skipped for QAT: the model keeps the anchors it was trained with")
+            elif not opt.noautoanchor:
+                check_anchors(self.dataset, model=model, thr=self.hyp["anchor_t"], imgsz=self.imgsz)
+            model.half().float()  # pre-reduce anchor precision, as upstream
 
     def _attach_attributes(self) -> None:
         m = de_parallel(self.model)
@@ -202,14 +172,15 @@ class Trainer:
         self.last_opt_step = self.train_state.get("last_opt_step", -1)
         self.guard = StepGuard(NONFINITE_LIMIT, skipped=self.train_state.get("nonfinite_skipped", 0))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
-        self.qat_schedule, self.frozen_view = None, None
+        self.qat_schedule = None
         if self.qat:
             from quant.schedule import QATSchedule, ScheduleState
 
             self.qat_schedule = ScheduleState(
                 QATSchedule(opt.qat_observer_epochs, opt.qat_freeze_bn_epoch,
                             calibrated_before=self.qat_calibrated), self.nb)
-        LOGGER.info(colorstr("schedule: ") + self._schedule_text())
+        LOGGER.info(colorstr("schedule: ") + describe_schedule(opt, self.hyp, self.lf, self.nb, self.nw,
+                                                              self.qat_schedule, self.threshold_opt, self.distill))
         self.stopper = EarlyStopping(patience=opt.patience)
         self.logger = ResultsLogger(self.save_dir) if self.main else None
         self.scheduler.last_epoch = self.start_epoch - 1
@@ -228,7 +199,8 @@ class Trainer:
                 for epoch in range(self.start_epoch, opt.epochs):
                     self._train_epoch(epoch)
                     if self.interrupted:
-                        self._save_interrupted(epoch)
+                        if self.main:
+                            self.files.save_interrupted(self._checkpoint(epoch - 1), epoch)
                         break
                     stop = self._end_epoch(epoch)
                     if stop or epoch == self.stop_after_epoch:
@@ -239,7 +211,7 @@ class Trainer:
                 if finished:
                     self.guard.check_progress()
             except NonFiniteLossError:
-                self._keep_last_good(epoch)
+                self.files.keep_last_good(self._checkpoint(epoch - 1) if self.main else {}, epoch)
                 raise
             finally:
                 if self.logger is not None:
@@ -274,7 +246,7 @@ class Trainer:
             if self.qat_schedule is not None:
                 self._qat_step(epoch, i)
             if self.cfg.multi_scale:
-                imgs = self._multi_scale(imgs)
+                imgs = random_rescale(imgs, self.imgsz, self.gs)
             loss_items = self._step(imgs, targets, ni)
             if self.main:
                 if loss_items is not None:
@@ -312,46 +284,13 @@ class Trainer:
             for _, q in iter_quantizers(model):
                 q.sync_across_ranks()
         self.qat_schedule.step(model, epoch, i)
-        self.train_forward = self._qat_forward(model)
-
-    def _qat_forward(self, model: nn.Module) -> nn.Module:
-        """The QAT training forward: with observers frozen, the prepared graph without the concat
-        re-quantizations that are identities then (quant.frozen_view: the same values and gradients,
-        about a fifth fewer activation values fake-quantized). DDP's wrapper has to run every forward,
-        so under DDP the full graph stays."""
-        forward = self.model
-        if self.rank == -1 and not self.qat_schedule.observers:
-            if self.frozen_view is None:
-                from quant.frozen_view import frozen_view
-
-                self.frozen_view = frozen_view(model)
-            forward = self.frozen_view
-        return self._compiled(forward) if self.cfg.compile else forward
+        self.train_forward = self.forwards.pick(observers_frozen=not self.qat_schedule.observers)
 
     def _seed_loader(self, epoch: int) -> None:
         """DDP shuffles by epoch; otherwise one generator runs through all epochs (upstream's order)."""
         sampler = self.train_loader.sampler
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
-
-    def _schedule_text(self) -> str:
-        """The effective schedule in one line: what the run will really do, printed before it starts."""
-        opt, hyp = self.cfg, self.hyp
-        lr0 = float(hyp["lr0"])
-        text = (f"lr {lr0:g} -> {lr0 * self.lf(opt.epochs - 1):g} ({'cosine' if opt.cos_lr else 'linear'} over "
-                f"{opt.epochs} epochs of {self.nb} batches), "
-                + (f"warmup {self.nw} iterations" if self.nw else "no warmup (lr0 from the first step)"))
-        if self.qat_schedule is not None:
-            sched = self.qat_schedule.schedule
-            obs = sched.observer_batches(self.nb)
-            text += (f"; QAT observers {'calibrate for ' + str(obs) + ' batches' if obs else 'frozen from the start'}"
-                     f", BN statistics " + (f"frozen from epoch {sched.freeze_bn_epoch}" if sched.freeze_bn_epoch >= 0
-                                            else "never frozen"))
-            if self.threshold_opt is not None:
-                text += f", thresholds trained from batch {obs} (Adam lr {self.threshold_opt.defaults['lr']:g})"
-            if self.distill is not None:
-                text += f", distillation gain {self.distill.gain:g}"
-        return text
 
     def _warmup(self, ni: int, epoch: int) -> None:
         """Ramp accumulation, LRs (biases down from warmup_bias_lr, others up from 0) and momentum."""
@@ -364,15 +303,6 @@ class Trainer:
             x["lr"] = np.interp(ni, xi, [start, x["initial_lr"] * self.lf(epoch)])
             if "momentum" in x:
                 x["momentum"] = np.interp(ni, xi, [self.hyp["warmup_momentum"], self.hyp["momentum"]])
-
-    def _multi_scale(self, imgs: torch.Tensor) -> torch.Tensor:
-        gs = self.gs
-        sz = random.randrange(int(self.imgsz * 0.5), int(self.imgsz * 1.5) + gs) // gs * gs
-        sf = sz / max(imgs.shape[2:])
-        if sf != 1:
-            ns = [math.ceil(x * sf / gs) * gs for x in imgs.shape[2:]]
-            imgs = nn.functional.interpolate(imgs, size=ns, mode="bilinear", align_corners=False)
-        return imgs
 
     def _step(self, imgs: torch.Tensor, targets: torch.Tensor, ni: int) -> torch.Tensor | None:
         """Forward, loss, backward; optimizer + EMA step every ``accumulate`` iterations (guarded)."""
@@ -437,7 +367,7 @@ class Trainer:
             self.best_fitness = max(self.best_fitness, fi)
             self.logger.log_epoch(epoch, [*self.mloss.tolist(), *self.results, *self.lr])
             if not self.cfg.nosave or final_epoch:
-                self._save(epoch, fi)
+                self.files.save_epoch(self._checkpoint(epoch), epoch, is_best=self.best_fitness == fi)
         if self.rank != -1:
             import torch.distributed as dist
 
@@ -462,27 +392,6 @@ class Trainer:
         opt = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.cfg.to_dict().items()}
         return training_checkpoint(self.model, self.ema, self.optimizer, epoch, self.best_fitness, opt,
                                    self._train_state(), self.threshold_opt)
-
-    def _save(self, epoch: int, fi: float) -> None:
-        ckpt = self._checkpoint(epoch)
-        save_checkpoint(ckpt, self.last)
-        if self.best_fitness == fi:
-            save_checkpoint(ckpt, self.best)
-        if self.cfg.save_period > 0 and epoch % self.cfg.save_period == 0:
-            save_checkpoint(ckpt, self.wdir / f"epoch{epoch}.pt")
-
-    def _save_interrupted(self, epoch: int) -> None:
-        """SIGINT: save the current weights as last.pt; a resume repeats the interrupted epoch."""
-        if self.main:
-            save_checkpoint(self._checkpoint(epoch - 1), self.last)
-            LOGGER.warning(f"Interrupted during epoch {epoch}: saved {self.last}; continue with --resume {self.last}")
-
-    def _keep_last_good(self, epoch: int) -> None:
-        """Non-finite stop: skipped steps never changed the weights, so they are still the last good ones."""
-        if self.main and not self.last.exists():
-            save_checkpoint(self._checkpoint(epoch - 1), self.last)
-        if self.main:
-            LOGGER.error(f"Non-finite training stopped at epoch {epoch}; last good weights in {self.last}")
 
     # ---------------------------------------------------------------------------------- finish
     def _finish(self) -> None:

@@ -1,0 +1,56 @@
+"""What a training step calls for its forward pass: the model (its DDP wrapper under DDP) or, once QAT
+observers are frozen in a single process, the prepared graph without the concat re-quantizations that
+are identities then (quant.frozen_view: the same values and gradients, about a fifth fewer activation
+values fake-quantized; DDP's wrapper has to run every forward, so under DDP the full graph stays).
+With ``--compile`` each of them is compiled once; EMA, checkpoints and validation keep using the plain
+module, so nothing saved depends on the compiler."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from utils.log import colorstr
+from utils.torch_utils import de_parallel
+
+LOGGER = logging.getLogger(__name__)
+
+
+class TrainingForward:
+    """``pick(observers_frozen)`` returns the module to call; ``model`` is what training wraps (DDP or not)."""
+
+    def __init__(self, model: nn.Module, compile: bool, single_process: bool):
+        self.model, self.compile, self.single_process = model, compile, single_process
+        self.frozen_view: nn.Module | None = None
+        self._compiled: dict[int, nn.Module] = {}
+
+    def pick(self, observers_frozen: bool = False) -> nn.Module:
+        forward = self.model
+        if observers_frozen and self.single_process:
+            if self.frozen_view is None:
+                from quant.frozen_view import frozen_view
+
+                self.frozen_view = frozen_view(de_parallel(self.model))
+            forward = self.frozen_view
+        return self._compiled_version(forward) if self.compile else forward
+
+    def _compiled_version(self, module: nn.Module) -> nn.Module:
+        """One torch.compile wrapper per module; a QAT phase change recompiles it once (the quantizers'
+        flags are Python state that dynamo guards on)."""
+        compiled = self._compiled.get(id(module))
+        if compiled is None:
+            if not self._compiled:
+                LOGGER.info(colorstr("compile: ") + "torch.compile on the training forward; the first steps compile")
+            compiled = self._compiled[id(module)] = torch.compile(module)
+        return compiled
+
+
+def wrap_ddp(model: nn.Module, dist, cuda: bool) -> nn.Module:
+    """The model in DistributedDataParallel under DDP (``dist.rank != -1``), else itself."""
+    if dist.rank == -1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [dist.local_rank] if cuda else None
+    return DDP(model, device_ids=ids, output_device=dist.local_rank if cuda else None)
