@@ -78,6 +78,8 @@ class Pow2FakeQuantize(nn.Module):
         self.register_buffer("observer_enabled", torch.tensor(0 if fixed is not None else 1, dtype=torch.uint8))
         self.register_buffer("fake_quant_enabled", torch.tensor(1, dtype=torch.uint8))
         self.register_buffer("calibrated", torch.tensor(1 if fixed is not None else 0, dtype=torch.uint8))
+        # always zero (power-of-2 scales are symmetric): kept so no forward allocates it; not in checkpoints
+        self.register_buffer("zero_point", torch.zeros(channels, dtype=torch.int32), persistent=False)
         # TQT: a learned log2 threshold per channel (or tensor); the exponent is its rounding. Kept equal
         # to the exponent while observing; sync_exponent_from_threshold() after each optimizer step.
         trained = spec.trained_threshold and fixed is None
@@ -239,7 +241,7 @@ class Pow2FakeQuantize(nn.Module):
                                     self.quant_min, self.quant_max)
 
     def _fake_quant_op(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        zero = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
+        zero = self.zero_point if self.zero_point.device == scale.device else self.zero_point.to(scale.device)
         if self.spec.per_channel:
             return torch.fake_quantize_per_channel_affine(x, scale, zero, self._axis(x), self.quant_min, self.quant_max)
         if x.device.type == "cpu" and x.dtype == torch.float32:
