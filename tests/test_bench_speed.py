@@ -65,7 +65,7 @@ def test_loader_cost_runs_like_a_worker(tmp_path):
 
 
 def test_gpu_speed_script_runs_on_cpu(tmp_path):
-    """bench/gpu_speed.sh at toy settings (the GPU run uses the same two commands at full size)."""
+    """bench/gpu_speed.sh at toy settings (the GPU run uses the same three commands at full size)."""
     import os
     import subprocess
     import sys
@@ -73,10 +73,12 @@ def test_gpu_speed_script_runs_on_cpu(tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "DEVICE": "cpu", "CFG": "yolov5p.yaml", "IMGSZ": "64", "BATCH": "8", "IMAGES": "16",
-           "WORKERS": "0", "PYTHON": sys.executable}
+           "WORKERS": "0", "COMPILE": "0", "PYTHON": sys.executable}
     done = subprocess.run(["bash", str(repo / "bench" / "gpu_speed.sh"), str(tmp_path / "out"), "100"], cwd=repo,
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     speed = json.loads((tmp_path / "out" / "speed.json").read_text())
     steps = json.loads((tmp_path / "out" / "train_speed.json").read_text())
     assert "float_over_upstream" in speed["ratios"] and "qat_frozen" in steps["stages"]
+    qat = json.loads((tmp_path / "out" / "qat_speed.json").read_text())
+    assert qat["config"]["device"] == "cpu" and "qat_frozen" in qat["steps"] and "onnx" not in qat
