@@ -18,8 +18,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from quant.config import QuantSpec
-from quant.fq_ops import (EXP_MAX, EXP_MIN, MSE_CANDIDATES, PerTensorFakeQuantCPU, candidate_errors,
-                          exponent_from_bound, has_half_kernel, pow2_scale, shift_errors, threshold_fake_quant)
+from quant.fq_ops import (EXP_MAX, EXP_MIN, MSE_CANDIDATES, PerTensorFakeQuantCPU, exponent_from_bound,
+                          has_half_kernel, pow2_scale, row_candidate_errors, shift_errors, threshold_fake_quant)
 from quant.histogram import ValueHistogram
 
 LOGGER = logging.getLogger(__name__)
@@ -381,7 +381,7 @@ class Pow2FakeQuantize(nn.Module):
     def _accumulate_errors(self, rows: torch.Tensor, old_top: torch.Tensor, first: torch.Tensor) -> None:
         """Average this batch's candidate errors into ``mse_err`` (replace them on a first observation)."""
         top = self._window_top()
-        current = candidate_errors(rows, top, self.bits, self.signed, self.quant_min, self.quant_max)
+        current = row_candidate_errors(rows, top, self.bits, self.signed, self.quant_min, self.quant_max)
         if self.spec.observer == "current":
             self.mse_err.copy_(current)
             return

@@ -28,14 +28,13 @@ def pow2_scale(exponent: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
     return torch.pow(2.0, exponent.double() - (bits - int(signed))).float()
 
 
-def candidate_errors(rows: torch.Tensor, top: torch.Tensor, bits: int, signed: bool, qmin: int,
-                     qmax: int) -> torch.Tensor:
-    """(C, MSE_CANDIDATES) mean squared fake-quant error of each row of ``rows`` for k = top-4 .. top."""
+def row_candidate_errors(rows: torch.Tensor, top: torch.Tensor, bits: int, signed: bool, qmin: int,
+                         qmax: int) -> torch.Tensor:
+    """(C, MSE_CANDIDATES) mean squared fake-quant error of each row of ``rows`` for k = top-4 .. top
+    (the histogram observer has its own, over bins: quant.histogram.candidate_errors)."""
     errs = []
-    step = 2.0 ** (bits - int(signed))
     for j in range(MSE_CANDIDATES):
-        k = top - (MSE_CANDIDATES - 1 - j)
-        scale = (torch.pow(2.0, k.double()) / step).float().to(rows.device)[:, None]
+        scale = pow2_scale(top - (MSE_CANDIDATES - 1 - j), bits, signed).to(rows.device)[:, None]
         q = torch.clamp(torch.round(rows / scale), qmin, qmax) * scale
         errs.append((q - rows).pow(2).mean(dim=1))
     return torch.stack(errs, dim=1)

@@ -164,6 +164,7 @@ class ModelEMA:
     def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000, updates: int = 0):
         self.ema = self._frozen_copy(model)
         self.copied = _copied_state_keys(self.ema)
+        self._host_twins: tuple = (None, [])  # (id of the source model, [(ema module, model module)])
         self.updates = updates
         self.decay_max = decay
         self.tau = tau
@@ -205,7 +206,19 @@ class ModelEMA:
             torch._foreach_add_(averaged, torch._foreach_mul(sources, 1 - d))
         if copies:
             torch._foreach_copy_(copies, originals)
-        _copy_host_states(de_parallel(model), self.ema)
+        for ema_module, module in self._twins_with_host_state(de_parallel(model)):
+            ema_module.copy_host_state(module)
+
+    def _twins_with_host_state(self, source: nn.Module) -> list:
+        """(EMA module, model module) pairs of modules that keep Python copies of their buffers (QAT
+        quantizers: ``copy_host_state``), found once per source model: after the buffer copy each takes
+        its twin's copies, without a device read."""
+        if self._host_twins[0] != id(source):
+            twins = dict(source.named_modules(remove_duplicate=False))
+            pairs = [(m, twins[n]) for n, m in self.ema.named_modules(remove_duplicate=False)
+                     if hasattr(m, "copy_host_state") and n in twins]
+            self._host_twins = (id(source), pairs)
+        return self._host_twins[1]
 
     def _rebuild(self, model: nn.Module, old: dict) -> None:
         """Re-copy the model's structure, keeping averaged values for entries that still match."""
@@ -216,6 +229,7 @@ class ModelEMA:
         fresh.load_state_dict(kept, strict=False)
         self.ema = fresh
         self.copied = _copied_state_keys(fresh)
+        self._host_twins = (None, [])
 
     def update_attr(self, model: nn.Module, include: Iterable[str] = ("yaml", "nc", "hyp", "names", "stride"),
                     exclude: Iterable[str] = ()) -> None:
@@ -256,15 +270,6 @@ def _copied_state_keys(model: nn.Module) -> frozenset:
             prefix = f"{name}." if name else ""
             keys.update(prefix + k for k in module.state_dict())
     return frozenset(keys)
-
-
-def _copy_host_states(source: nn.Module, target: nn.Module) -> None:
-    """After copying state between two models of the same structure, let every module that keeps Python
-    copies of its buffers (QAT quantizers: ``copy_host_state``) take its twin's, without a device read."""
-    twins = dict(source.named_modules(remove_duplicate=False))
-    for name, module in target.named_modules(remove_duplicate=False):
-        if hasattr(module, "copy_host_state") and name in twins:
-            module.copy_host_state(twins[name])
 
 
 def smart_optimizer(model: nn.Module, name: str = "SGD", lr: float = 0.01, momentum: float = 0.9,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 from utils.checkpoint import save_checkpoint
 
@@ -25,15 +26,17 @@ class CheckpointFiles:
         if self.save_period > 0 and epoch % self.save_period == 0:
             save_checkpoint(ckpt, self.wdir / f"epoch{epoch}.pt")
 
-    def save_interrupted(self, ckpt: dict, epoch: int) -> None:
-        """Ctrl-C/SIGTERM: the current weights as last.pt; a resume repeats the interrupted epoch."""
+    def save_interrupted(self, checkpoint: Callable[[], dict], epoch: int) -> None:
+        """Ctrl-C/SIGTERM: the current weights as last.pt; a resume repeats the interrupted epoch.
+        ``checkpoint`` builds the checkpoint (only the main process calls it)."""
         if self.main:
-            save_checkpoint(ckpt, self.last)
+            save_checkpoint(checkpoint(), self.last)
             LOGGER.warning(f"Interrupted during epoch {epoch}: saved {self.last}; continue with --resume {self.last}")
 
-    def keep_last_good(self, ckpt: dict, epoch: int) -> None:
-        """Non-finite stop: skipped steps never changed the weights, so they are still the last good ones."""
+    def keep_last_good(self, checkpoint: Callable[[], dict], epoch: int) -> None:
+        """Non-finite stop: skipped steps never changed the weights, so they are still the last good ones
+        (``checkpoint`` is built only when last.pt does not exist yet)."""
         if self.main and not self.last.exists():
-            save_checkpoint(ckpt, self.last)
+            save_checkpoint(checkpoint(), self.last)
         if self.main:
             LOGGER.error(f"Non-finite training stopped at epoch {epoch}; last good weights in {self.last}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,9 @@ from utils.checkpoint import (CheckpointError, CheckpointRecord, make_checkpoint
                               transfer_state_dict)
 from utils.config_checks import check_hyp_values, read_yaml
 from utils.data.data_config import DataConfigError, load_data_config
-from utils.torch_utils import de_parallel, linear_lr, one_cycle, smart_optimizer
+from utils.data.dataset import create_dataloader
+from utils.log import colorstr
+from utils.torch_utils import de_parallel, linear_lr, one_cycle, smart_optimizer, torch_distributed_zero_first
 
 LOGGER = logging.getLogger(__name__)
 
@@ -159,12 +162,6 @@ def describe_schedule(cfg: Any, hyp: dict, lf, nb: int, nw: int, qat_schedule: A
 def make_loaders(cfg: Any, data: dict, hyp: dict, imgsz: int, gs: int, nc: int, dist: Any) -> tuple:
     """(train loader, its dataset, val loader or None): the validation loader is built on the main
     process only; a label class beyond ``nc`` is refused naming the dataset."""
-    from contextlib import nullcontext
-
-    from utils.data.dataset import create_dataloader
-    from utils.log import colorstr
-    from utils.torch_utils import torch_distributed_zero_first
-
     rank, batch = dist.rank, cfg.batch_size // dist.world_size
     with torch_distributed_zero_first(dist.local_rank) if rank != -1 else nullcontext():
         train_loader, dataset = create_dataloader(

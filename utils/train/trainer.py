@@ -70,7 +70,6 @@ class Trainer:
         self.qat_calibrated = False  # QAT: ranges calibrated before the first step (PTQ state or QAT checkpoint)
         self.wdir = self.save_dir / "weights"
         self.files = CheckpointFiles(self.wdir, cfg.save_period, self.main)
-        self.last, self.best = self.files.last, self.files.best
         self.interrupted = False
         self.results: tuple = (0, 0, 0, 0, 0, 0, 0)
         self.epoch_speed: list[dict] = []  # per trained epoch: images, seconds (loader waits included)
@@ -199,8 +198,7 @@ class Trainer:
                 for epoch in range(self.start_epoch, opt.epochs):
                     self._train_epoch(epoch)
                     if self.interrupted:
-                        if self.main:
-                            self.files.save_interrupted(self._checkpoint(epoch - 1), epoch)
+                        self.files.save_interrupted(lambda: self._checkpoint(epoch - 1), epoch)
                         break
                     stop = self._end_epoch(epoch)
                     if stop or epoch == self.stop_after_epoch:
@@ -211,7 +209,7 @@ class Trainer:
                 if finished:
                     self.guard.check_progress()
             except NonFiniteLossError:
-                self.files.keep_last_good(self._checkpoint(epoch - 1) if self.main else {}, epoch)
+                self.files.keep_last_good(lambda: self._checkpoint(epoch - 1), epoch)
                 raise
             finally:
                 if self.logger is not None:
@@ -396,20 +394,21 @@ class Trainer:
     # ---------------------------------------------------------------------------------- finish
     def _finish(self) -> None:
         """Strip checkpoints, plot results, validate best.pt with plots; QAT: write its quantization report."""
-        for f in (self.last, self.best):
+        last, best = self.files.last, self.files.best
+        for f in (last, best):
             if f.exists():
                 strip_checkpoint(f)
         report = []
-        if self.best.exists():
-            LOGGER.info(f"\nValidating {self.best}...")
-            model, _ = load_model(self.best, device=self.device, fuse=True)
+        if best.exists():
+            LOGGER.info(f"\nValidating {best}...")
+            model, _ = load_model(best, device=self.device, fuse=True)
             options = self._eval_options(iou_thres=0.65 if self.is_coco else 0.60)
             self.results, _, _ = result_tuple(validate(
                 model, self.val_loader, self.data, options, compute_loss=self.compute_loss, save_dir=self.save_dir,
                 plots=not self.cfg.noplots, per_class=True))
             if self.qat:  # one validation batch: a few seconds; a failure only warns
                 report = try_report_quantization(model, self.val_loader, self.device, self.save_dir,
-                                                 title=f"{self.best}, QAT")
+                                                 title=f"{best}, QAT")
         if not self.cfg.noplots and (self.save_dir / "results.csv").exists():
             plot_results(self.save_dir / "results.csv")
         LOGGER.info(f"Results saved to {colorstr('bold', str(self.save_dir))}")
