@@ -88,23 +88,26 @@ def has_half_kernel(x: torch.Tensor) -> bool:
 
 class PerTensorFakeQuantCPU(torch.autograd.Function):
     """torch.fake_quantize_per_tensor_affine (zero point 0) from vectorised elementwise ops: the same
-    values, NaN mapping and straight-through mask, about twice as fast as the builtin CPU kernel,
+    values, NaN mapping and straight-through gradient, about twice as fast as the builtin CPU kernel,
     which quantizes one element at a time. CUDA keeps the builtin fused kernel.
 
-    Six passes forward (scale, round, clamp, compare, NaN, rescale) and one backward: a value was
-    clipped exactly when clamping changed it (NaN != NaN counts as clipped, as in the builtin mask)."""
+    Six passes forward (scale, round, clamp, compare, NaN, rescale) and one backward. A value was kept
+    exactly when clamping left it unchanged (NaN != NaN counts as clipped, as in the builtin mask). The
+    mask is stored as float 1/0 and the backward multiplies by it, as the builtin does: on the CPU,
+    reading a bool tensor (mul, where, masked_fill) is not vectorised and costs 3-10 elementwise passes
+    (notes/qat_speed.md)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
         q = torch.mul(x, scale.reciprocal()).round_()  # exact: the scale is a power of two
         out = q.clamp(qmin, qmax)
-        ctx.save_for_backward(out != q)
+        ctx.save_for_backward(torch.eq(out, q, out=torch.empty_like(q)))
         return out.nan_to_num_(nan=qmin).mul_(scale)  # NaN -> qmin, as the builtin
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (clipped,) = ctx.saved_tensors
-        return grad.masked_fill(clipped, 0), None, None, None
+        (kept,) = ctx.saved_tensors
+        return grad * kept, None, None, None
 
 
 def _round_ste(t: torch.Tensor) -> torch.Tensor:
