@@ -141,19 +141,23 @@ def _unit_bin_errors(offset: int, bins: int, bits: int, signed: bool, device: st
     return err_pos, err_neg
 
 
-def candidate_errors(hist: torch.Tensor, top: int, exponents: Sequence[int], bits: int, signed: bool) -> torch.Tensor:
+def candidate_errors(hist: torch.Tensor, top: int, exponents: Sequence[int], bits: int, signed: bool,
+                     total: Optional[float] = None, negatives: bool = True) -> torch.Tensor:
     """Mean squared fake-quant error of the histogrammed values for each exponent k in ``exponents``
     (scale ``2**k / 2**(bits - signed)``, zero point 0), each bin taken at its centre.
 
     The per-bin errors come from :func:`_unit_bin_errors` scaled by 4**top: scaling by a power of two
-    is exact, so the result is bit for bit what computing them at 2**top gives (tests check it)."""
-    total = float(hist.sum())
+    is exact, so the result is bit for bit what computing them at 2**top gives (tests check it).
+    ``total`` (the number of values counted) and ``negatives=False`` (row 1 is all zero) are what the
+    caller may know already: both only skip work (a zero row adds exact zeros), the result is the same."""
+    total = float(hist.sum()) if total is None else float(total)
     if total == 0.0:
         return torch.zeros(len(exponents), dtype=torch.float64)
     errors = []
     for k in exponents:
         err_pos, err_neg = _unit_bin_errors(int(k) - top, hist.shape[1], bits, bool(signed), str(hist.device))
-        errors.append(float((hist[0] * err_pos + hist[1] * err_neg).sum()) * 4.0 ** top / total)
+        weighted = hist[0] * err_pos + hist[1] * err_neg if negatives else hist[0] * err_pos
+        errors.append(float(weighted.sum()) * 4.0 ** top / total)
     return torch.tensor(errors, dtype=torch.float64)
 
 
@@ -172,18 +176,22 @@ def percentile_bound(hist: torch.Tensor, top: int, percentile: float) -> float:
 class ValueHistogram:
     """The histogram of one quantizer: a plain object, not a buffer, so it never enters a checkpoint
     (the chosen exponent does) and DDP never broadcasts it; each rank counts its own images until
-    :meth:`sync_across_ranks` sums them."""
+    :meth:`sync_across_ranks` sums them. It also keeps, as Python values, how many values it counted and
+    whether any was negative, which the exponent search would otherwise re-read from the 65536 bins at
+    every observation."""
 
     def __init__(self) -> None:
-        self.hist: Optional[torch.Tensor] = None
-        self.top: Optional[int] = None
+        self.reset()
 
     @property
     def empty(self) -> bool:
         return self.hist is None or self.top is None
 
     def reset(self) -> None:
-        self.hist, self.top = None, None
+        self.hist: Optional[torch.Tensor] = None
+        self.top: Optional[int] = None
+        self.total = 0  # values counted (exact: a Python int)
+        self.negatives = False  # whether row 1 holds any count
 
     def add(self, x: torch.Tensor) -> Optional[tuple[float, float]]:
         """Count x's finite values; returns their (min, max), or None when x has none."""
@@ -196,11 +204,13 @@ class ValueHistogram:
         elif hist.device != x.device:
             hist = hist.to(x.device)
         self.hist, self.top = add_to_histogram(hist, self.top, x, values)
+        self.total += values[0].numel()
+        self.negatives = self.negatives or values[1] < 0
         return values[1], values[2]
 
     def mse_exponent(self, exponents: Sequence[int], bits: int, signed: bool) -> int:
         """The candidate with the smallest error; ties go to the smaller (finer) exponent."""
-        errors = candidate_errors(self.hist, self.top, exponents, bits, signed)
+        errors = candidate_errors(self.hist, self.top, exponents, bits, signed, self.total, self.negatives)
         return int(exponents[int(torch.argmin(errors))])
 
     def percentile_bound(self, percentile: float) -> float:
@@ -220,3 +230,5 @@ class ValueHistogram:
         dist.all_reduce(hist, op=dist.ReduceOp.SUM)
         if common >= _EXP_MIN:
             self.hist, self.top = hist, common
+            self.total = int(hist.sum())  # the counts of every rank (exact below 2**53)
+            self.negatives = bool(hist[1].any())

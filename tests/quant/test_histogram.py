@@ -8,8 +8,8 @@ from torch import nn
 from quant.calibrate import calibrate
 from quant.config import QuantConfig, QuantSpec
 from quant.fake_quant import Pow2FakeQuantize
-from quant.histogram import (HIST_BINS, add_to_histogram, bin_centres, bincount_counts, candidate_errors,
-                             empty_histogram, histc_counts, percentile_bound, widen)
+from quant.histogram import (HIST_BINS, ValueHistogram, add_to_histogram, bin_centres, bincount_counts,
+                             candidate_errors, empty_histogram, histc_counts, percentile_bound, widen)
 from quant.prepare import prepare
 from quant.schedule import iter_quantizers
 
@@ -68,6 +68,23 @@ def test_candidate_errors_from_unit_tables_are_bit_exact(scale, bits, signed):
     hist, top = add_to_histogram(empty_histogram(), None, x)
     exps = list(range(top - 6, top + 2))
     assert torch.equal(candidate_errors(hist, top, exps, bits, signed), _errors_at_scale(hist, top, exps, bits, signed))
+
+
+def test_value_histogram_keeps_its_count_and_sign_and_picks_the_same_exponent():
+    gen = torch.Generator().manual_seed(9)
+    for signed in (False, True):
+        h = ValueHistogram()
+        for scale in (0.5, 3.0, 1.5):  # the second batch widens the range
+            x = torch.randn(4000, generator=gen) * scale
+            h.add(x if signed else x.abs())
+        h.add(torch.tensor([float("nan"), 1.0]))  # NaN is not counted
+        assert h.total == int(h.hist.sum()) == 3 * 4000 + 1
+        assert h.negatives == signed == bool(h.hist[1].any())
+        exps = list(range(h.top - 4, h.top + 1))
+        shortcut = candidate_errors(h.hist, h.top, exps, 8, signed, h.total, h.negatives)
+        assert torch.equal(shortcut, candidate_errors(h.hist, h.top, exps, 8, signed))
+    h.reset()
+    assert h.empty and h.total == 0 and not h.negatives
 
 
 def test_histc_counts_equal_bincount_counts_on_bin_edges():
