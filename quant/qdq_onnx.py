@@ -101,6 +101,42 @@ def _quantize_biases(g: _Graph) -> int:
     return done
 
 
+# Name suffix of the QuantizeLinear nodes _requantize_resizes adds: they re-state a grid the tensor is
+# already on, so they belong to no quantizer module (activation_tensor_names skips them).
+REQUANT_SUFFIX = "_on_grid_q"
+
+
+def _requantize_resizes(g: _Graph) -> int:
+    """DequantizeLinear -> Resize(nearest) -> X becomes DQ -> Resize -> QuantizeLinear -> DQ -> X, with the
+    input's scale and zero point: nearest resizing copies values, so they are still on that grid and the
+    pair changes no value. onnxruntime then resizes the 8-bit tensor and the concat that follows runs as
+    QLinearConcat, instead of both in float at the upsampled size with a QuantizeLinear after them."""
+    import onnx
+
+    done = 0
+    for node in [n for n in g.graph.node if n.op_type == "Resize"]:
+        mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "nearest")
+        src = g.producer.get(node.input[0])
+        users = g.users(node.output[0])
+        if mode != "nearest" or src is None or src.op_type != "DequantizeLinear" or not users \
+                or any(u.op_type == "QuantizeLinear" for u in users):
+            continue
+        out = node.output[0]
+        q = onnx.helper.make_node("QuantizeLinear", [out, *src.input[1:]], [f"{out}_quantized"],
+                                  name=f"{node.name}{REQUANT_SUFFIX}")
+        dq = onnx.helper.make_node("DequantizeLinear", [q.output[0], *src.input[1:]], [f"{out}_dequantized"],
+                                   name=f"{node.name}_on_grid_dq")
+        at = list(g.graph.node).index(node) + 1
+        g.graph.node.insert(at, dq)
+        g.graph.node.insert(at, q)
+        for user in users:
+            for k, name in enumerate(user.input):
+                if name == out:
+                    user.input[k] = dq.output[0]
+        done += 1
+    return done
+
+
 def _drop_unused_initializers(g: _Graph) -> None:
     used = {i for n in g.graph.node for i in n.input} | {o.name for o in g.graph.output}
     for init in [i for i in g.graph.initializer if i.name not in used]:
@@ -108,7 +144,8 @@ def _drop_unused_initializers(g: _Graph) -> None:
 
 
 def finalize_qdq_onnx(model: Any) -> Any:
-    """Store quantized weights as int8 (uint8) initializers and conv biases as int32 + DequantizeLinear.
+    """Store quantized weights as int8 (uint8) initializers and conv biases as int32 + DequantizeLinear,
+    and keep nearest resizes of quantized tensors 8-bit (:func:`_requantize_resizes`).
 
     ``model`` is an onnx ModelProto, changed in place and returned.
     """
@@ -116,8 +153,9 @@ def finalize_qdq_onnx(model: Any) -> Any:
     n_w = _fold_weight_quantizers(g)
     g = _Graph(model)
     n_b = _quantize_biases(g)
+    n_r = _requantize_resizes(g)
     _drop_unused_initializers(g)
-    LOGGER.info("QDQ ONNX: %d weights stored as integers, %d int32 biases", n_w, n_b)
+    LOGGER.info("QDQ ONNX: %d weights stored as integers, %d int32 biases, %d resizes kept 8-bit", n_w, n_b, n_r)
     return model
 
 
@@ -192,7 +230,8 @@ def activation_tensor_names(model: Any, calls: list[str], scales: dict[str, floa
     counts or the scales disagree, which would mean the exporter reordered them.
     """
     g = _Graph(model)
-    nodes = [n for n in g.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in g.inits]
+    nodes = [n for n in g.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in g.inits
+             and not n.name.endswith(REQUANT_SUFFIX)]
     if len(nodes) != len(calls):
         raise ValueError(f"ONNX has {len(nodes)} activation QuantizeLinear nodes but {len(calls)} quantizer calls "
                          "were traced; cannot name its tensors")

@@ -105,14 +105,18 @@ def test_concat_inputs_share_one_scale(exported):
 
 def test_onnxruntime_runs_every_conv_on_integer_kernels(exported):
     """The default export (free height/width): onnxruntime's optimised graph has a QLinearConv for each of
-    the 60 convs and no float Conv. The head's sizes come from the input, so no Shape op reads a quantized
+    the 60 convs and no float Conv, and every concat and upsample on 8-bit tensors. The head's sizes come from the input, so no Shape op reads a quantized
     conv output (those Shape readers once kept the three head convs float, and made OpenVINO misapply
     their biases)."""
     from quant.qdq_onnx import read_steps
     from utils.export.onnx_runtimes import ConvKernels, conv_kernels, ort_optimized_ops
 
     _, result, model = exported
-    assert conv_kernels(ort_optimized_ops(result.file)) == ConvKernels(integer=60, float=0)
+    ops = ort_optimized_ops(result.file)
+    assert conv_kernels(ops) == ConvKernels(integer=60, float=0)
+    # every aligned concat joins 8-bit tensors, the two after an upsample too (their Resize stays 8-bit);
+    # the only float conversions left are the input's QuantizeLinear and the head's three DequantizeLinear
+    assert ops["QLinearConcat"] == 13 and ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 3
     shape_inputs = [n.input[0] for n in model.graph.node if n.op_type == "Shape"]
     assert "images" in shape_inputs and read_steps(model, shape_inputs) == [None] * len(shape_inputs)
 
