@@ -66,6 +66,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--qat-observer-epochs", type=float, default=1.0,
                    help="QAT: epochs (fractions allowed) during which observers keep calibrating in training, "
                         "after the PTQ calibration; 0: ranges stay as calibrated (needs --qat-calib-images > 0)")
+    p.add_argument("--qat-observer-every", type=int, default=1,
+                   help="QAT: observers count every N-th batch of their epochs (the others train at the frozen-"
+                        "observer cost); lowered to keep 8 observed batches when --qat-calib-images is 0")
     p.add_argument("--qat-freeze-bn-epoch", type=int, default=2,
                    help="QAT: epoch from which BN statistics are frozen (-1: never)")
     p.add_argument("--qat-calib-images", type=int, default=512,

@@ -39,6 +39,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bn_frozen_0": {"opt": {"qat_freeze_bn_epoch": 0}},
     "bn_never_frozen": {"opt": {"qat_freeze_bn_epoch": -1}},
     "observe_all_epochs": {"opt": {"qat_observer_epochs": 1000}},  # observers never freeze (histograms grow)
+    # observers count one batch in N of their window (the rest train at the frozen-observer cost)
+    "observe_every_1": {"opt": {"qat_observer_every": 1}},
+    "observe_every_2": {"opt": {"qat_observer_every": 2}},
+    "observe_every_4": {"opt": {"qat_observer_every": 4}},
+    "observe_every_8": {"opt": {"qat_observer_every": 8}},
     # trained power-of-2 thresholds (TQT): activations only, or weights too; hyp lr_threshold is Adam's step
     "tqt": {"quant": {"activation": {"trained_threshold": True}}},
     "tqt_all": {"quant": {"activation": {"trained_threshold": True}, "weight": {"trained_threshold": True}}},

@@ -152,20 +152,31 @@ def _onnx_rows(opt: dict) -> list[dict]:
     return rows
 
 
-def _rows(eager: list[Variant], compiled: list[Variant]) -> dict[str, dict]:
-    """Median ms and ratio to float per variant, eager and compiled."""
-    base = eager[0].median_ms
+def _rows(eager: list[Variant], compiled: list[Variant], observer_every: int = 1) -> dict[str, dict]:
+    """Median ms and ratio to float per variant, eager and compiled. With ``observer_every`` N > 1, one more
+    row: the mean step of the observer window when one batch in N is observed, (observing + (N - 1) x
+    frozen observers with BN batch statistics) / N, from the two measured rows."""
     comp = {v.name: v for v in compiled}
-    base_c = comp["float"].median_ms if "float" in comp else None
+    columns = {"eager": {v.name: v.median_ms for v in eager}}
+    if "float" in comp:
+        columns["compiled"] = {name: v.median_ms for name, v in comp.items()}
+    labels = {v.name: v.label for v in eager}
+    if observer_every > 1:
+        labels["qat_observer_window"] = f"QAT, observer window (1 batch in {observer_every} observed), mean"
+        for ms in columns.values():
+            ms["qat_observer_window"] = (ms["qat_observe"] + (observer_every - 1) * ms["qat_frozen_observers"]) \
+                / observer_every
+    steps = {v.name: len(v.times) for v in eager}
     rows = {}
-    for v in eager:
-        row = {"label": v.label, "steps": len(v.times), "eager_ms": v.median_ms, "eager_over_float": v.median_ms / base}
-        if base_c is not None:
-            c = comp[v.name]
-            row["compiled_ms"] = c.median_ms
-            row["compiled_over_float"] = c.median_ms / base_c
-            row["compiled_over_eager"] = c.median_ms / v.median_ms
-        rows[v.name] = row
+    for name, label in labels.items():
+        eager_ms = columns["eager"][name]
+        row = {"label": label, "steps": steps.get(name, 0), "eager_ms": eager_ms,
+               "eager_over_float": eager_ms / columns["eager"]["float"]}
+        if "compiled" in columns:
+            row["compiled_ms"] = columns["compiled"][name]
+            row["compiled_over_float"] = row["compiled_ms"] / columns["compiled"]["float"]
+            row["compiled_over_eager"] = row["compiled_ms"] / eager_ms
+        rows[name] = row
     return rows
 
 
@@ -190,10 +201,11 @@ def run(cfg: str = "yolov5n.yaml", act: Optional[str] = "relu", imgsz: int = 320
         compile: bool = True, onnx: bool = True, onnx_weights: str | Path = SHARED / "weights" / "yolov5n.pt",
         onnx_imgsz: tuple[int, ...] = (320,), onnx_threads: int = 0, onnx_block: int = 5,
         hyp: Optional[str | Path] = None, qat_config: Optional[str | Path] = None, seed: int = 0,
-        json_out: Optional[str | Path] = None) -> dict:
+        json_out: Optional[str | Path] = None, observer_every: Optional[int] = None) -> dict:
     """Measure, print the table, return (and with ``json_out`` save) the results."""
     from bench.train_speed import DEFAULT_HYP, synchronize
     from utils.torch_utils import describe_device, select_device
+    from utils.train.config import TrainConfig
 
     if rounds < 1 or steps < 1:
         raise ValueError(f"qat_speed: --rounds and --steps must be >= 1, got {rounds} and {steps}")
@@ -210,7 +222,8 @@ def run(cfg: str = "yolov5n.yaml", act: Optional[str] = "relu", imgsz: int = 320
         config.update(device=str(dev), device_name=describe_device(dev), torch=torch.__version__)
     finally:
         torch.set_num_threads(before)
-    result: dict[str, Any] = {"config": config, "steps": _rows(eager, compiled)}
+    every = observer_every if observer_every is not None else TrainConfig.qat_observer_every
+    result: dict[str, Any] = {"config": config, "steps": _rows(eager, compiled, every)}
     if onnx:
         result["onnx"] = _onnx_rows(opt)
     print(format_table(result))
@@ -239,6 +252,8 @@ def parse_opt(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--hyp", type=str, default=None, help="hyperparameters (default hyp.scratch-low)")
     p.add_argument("--qat-config", type=str, default=None, help="QAT config yaml (default data/quant/default.yaml)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--observer-every", type=int, default=None,
+                   help="also show the observer window's mean step with 1 batch in N observed (default: train.py's)")
     p.add_argument("--json", dest="json_out", type=str, default=None, help="write the results as JSON here")
     return p.parse_args(argv)
 

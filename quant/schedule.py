@@ -74,17 +74,22 @@ def set_bn_frozen(model: nn.Module, frozen: bool) -> None:
 
 @dataclass(frozen=True)
 class QATSchedule:
-    """Observers calibrate for the first `observer_epochs` epochs (fractions allowed); BN statistics
-    freeze from epoch `freeze_bn_epoch` on (a negative value never freezes). `calibrated_before`: the
-    model was calibrated (PTQ) before training, so 0 observer epochs is valid (ranges stay as calibrated)."""
+    """Observers calibrate for the first `observer_epochs` epochs (fractions allowed), on every
+    `observer_every`-th batch of that window; BN statistics freeze from epoch `freeze_bn_epoch` on (a
+    negative value never freezes). `calibrated_before`: the model was calibrated (PTQ) before training, so
+    0 observer epochs is valid (ranges stay as calibrated); without it the stride is lowered so that at
+    least `min_observer_batches` batches are observed."""
 
     observer_epochs: float = 1.0
     freeze_bn_epoch: int = 2
     min_observer_batches: int = 8
     calibrated_before: bool = False
+    observer_every: int = 1
 
     def validate(self, batches_per_epoch: int) -> None:
         """Refuse schedules that would calibrate on (almost) nothing, e.g. 0.001 epochs."""
+        if not (isinstance(self.observer_every, int) and self.observer_every >= 1):
+            raise ValueError(f"--qat-observer-every must be an integer >= 1, got {self.observer_every!r}")
         if self.observer_epochs == 0 and self.calibrated_before:
             return
         batches = self.observer_batches(batches_per_epoch)
@@ -94,34 +99,55 @@ class QATSchedule:
                              f"{self.min_observer_batches} batches (or one whole epoch)")
 
     def observer_batches(self, batches_per_epoch: int) -> int:
-        """Batches the observers run for: fractions of a batch count as a whole one."""
+        """Batches in the observer window: fractions of a batch count as a whole one."""
         # Round first: 1.1 * 100 is 110.00000000000001 in floating point, which is 110 batches, not 111.
         return math.ceil(round(self.observer_epochs * batches_per_epoch, 9))
 
-    def observers_on(self, epoch: int, batch_i: int, batches_per_epoch: int) -> bool:
+    def observer_stride(self, batches_per_epoch: int) -> int:
+        """Observers count every this many batches of the window: ``observer_every``, lowered (when the
+        model was not calibrated before) so that at least ``min_observer_batches`` batches are observed."""
+        if self.calibrated_before:
+            return self.observer_every
+        return max(1, min(self.observer_every, self.observer_batches(batches_per_epoch) // self.min_observer_batches))
+
+    def in_observer_window(self, epoch: int, batch_i: int, batches_per_epoch: int) -> bool:
         return epoch * batches_per_epoch + batch_i < self.observer_batches(batches_per_epoch)
+
+    def observers_on(self, epoch: int, batch_i: int, batches_per_epoch: int) -> bool:
+        """Whether this batch is observed: in the window, and on the stride (the window's first batch is)."""
+        position = epoch * batches_per_epoch + batch_i
+        return (self.in_observer_window(epoch, batch_i, batches_per_epoch)
+                and position % self.observer_stride(batches_per_epoch) == 0)
 
     def bn_frozen(self, epoch: int) -> bool:
         return 0 <= self.freeze_bn_epoch <= epoch
 
 
 class ScheduleState:
-    """Applies a QATSchedule to a model, flipping flags only when the schedule's answer changes."""
+    """Applies a QATSchedule to a model, flipping flags only when the schedule's answer changes.
+    ``window``: inside the observer window (observers may still skip this batch, by the stride);
+    ``observers``: observing this batch."""
 
     def __init__(self, schedule: QATSchedule, batches_per_epoch: int):
         schedule.validate(batches_per_epoch)
         self.schedule, self.nb = schedule, batches_per_epoch
         self.observers: bool | None = None
+        self.window: bool | None = None
         self.bn_frozen: bool | None = None
 
     def step(self, model: nn.Module, epoch: int, batch_i: int = 0) -> None:
         observers = self.schedule.observers_on(epoch, batch_i, self.nb)
         if observers != self.observers:
             set_observers(model, observers)
-            if self.observers is not None or not observers:
-                LOGGER.info(f"QAT: observers {'calibrating' if observers else 'frozen'} "
-                            f"(epoch {epoch}, batch {batch_i})")
             self.observers = observers
+        window = self.schedule.in_observer_window(epoch, batch_i, self.nb)
+        if window != self.window:
+            if self.window is not None or not window:
+                stride = self.schedule.observer_stride(self.nb)
+                every = f" every {stride} batches" if stride > 1 else ""
+                LOGGER.info(f"QAT: observers {'calibrating' + every if window else 'frozen'} "
+                            f"(epoch {epoch}, batch {batch_i})")
+            self.window = window
         frozen = self.schedule.bn_frozen(epoch)
         if frozen != self.bn_frozen:
             set_bn_frozen(model, frozen)

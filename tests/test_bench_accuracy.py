@@ -1,6 +1,8 @@
 """The accuracy benchmarks' pieces that need no long run: variant composition and the printed tables."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import yaml
 
 from bench.ptq_accuracy import VARIANTS, format_table, merge_config, scored_on
@@ -44,3 +46,20 @@ def test_qat_recipe_variants_combine():
                        {"variant": "QAT default", "mAP50": 0.5, "mAP50-95": 0.31, "s_per_epoch": 12.0,
                         "onnx_mAP50-95": 0.31}], 5, "coco128")
     assert "| QAT default | 0.500 | 0.310 | +1.0 | 0.310 | 12 |" in table
+
+
+def test_split_dataset_halves_without_overlap(tmp_path):
+    from bench.split_dataset import split
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(9):
+        (images / f"{i}.jpg").write_bytes(b"")
+    (images / "notes.txt").write_text("not an image")
+    data = yaml.safe_load(split(images, tmp_path / "out", seed=0).read_text())
+    train, val = ((tmp_path / "out" / data[k]).read_text().split() for k in ("train", "val"))
+    assert len(train) == 4 and len(val) == 5 and not set(train) & set(val)
+    assert {Path(p).name for p in train + val} == {f"{i}.jpg" for i in range(9)}
+    again = split(images, tmp_path / "again", seed=0)  # the same seed gives the same halves
+    assert (again.parent / "train.txt").read_text() == (tmp_path / "out" / "train.txt").read_text()
+    assert data["names"][0] == "person"

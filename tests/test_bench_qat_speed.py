@@ -41,10 +41,14 @@ def test_run_measures_every_phase_compiled_float_and_onnx(tmp_path, monkeypatch,
     monkeypatch.setattr(torch, "compile", fake_compile)
     out = tmp_path / "qat_speed.json"
     result = run(cfg="yolov5p.yaml", imgsz=64, batch_size=2, rounds=2, steps=1, warmup=1, threads=1,
-                 onnx_weights=shared_dir / "weights" / "yolov5n.pt", onnx_imgsz=(64,), onnx_block=1, json_out=out)
+                 onnx_weights=shared_dir / "weights" / "yolov5n.pt", onnx_imgsz=(64,), onnx_block=1, json_out=out,
+                 observer_every=4)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     steps = result["steps"]
-    assert list(steps) == ["float", *PHASES]
+    assert list(steps) == ["float", *PHASES, "qat_observer_window"]
+    window = steps.pop("qat_observer_window")  # derived: 1 observed step and 3 frozen-observer steps in 4
+    for col in ("eager_ms", "compiled_ms"):
+        assert window[col] == pytest.approx((steps["qat_observe"][col] + 3 * steps["qat_frozen_observers"][col]) / 4)
     assert sorted(set(states)) == [(False, False), (False, True), (True, False)]  # the three phases
     assert len(compiled) == 5 * (2 + 2)  # float and 4 QAT phases: compile warm-up, then one timed step per round
     for name, row in steps.items():
@@ -57,6 +61,7 @@ def test_run_measures_every_phase_compiled_float_and_onnx(tmp_path, monkeypatch,
     assert latency["int8_over_fp32"] == pytest.approx(latency["int8_median_ms"] / latency["fp32_median_ms"])
     printed = capsys.readouterr().out
     assert "QAT, observers and BN frozen" in printed and "x eager" in printed and "INT8/FP32" in printed
+    assert "1 batch in 4 observed" in printed
 
 
 def test_run_refuses_empty_rounds():

@@ -360,10 +360,10 @@ def test_quantizer_sync_makes_ranks_identical(tmp_path):
         assert torch.equal(after0[k], torch.maximum(before0[k], before1[k])), k
 
 
-def test_qat_defaults_no_warmup_no_autoanchor(float_best, data_yaml, work, monkeypatch):
+def test_qat_defaults_no_warmup_no_autoanchor(float_best, data_yaml, work, monkeypatch, caplog):
     """hyp.qat.yaml says warmup_epochs 0: no warmup floor, every group at lr0 in epoch 0 (upstream's
     100-iteration floor used to keep short runs at ~1e-6); and AutoAnchor never replaces the anchors of
-    the trained, calibrated head."""
+    the trained, calibrated head. (The run also takes an observer stride, which the schedule line shows.)"""
     import csv
 
     import yaml
@@ -372,9 +372,11 @@ def test_qat_defaults_no_warmup_no_autoanchor(float_best, data_yaml, work, monke
 
     calls = []
     monkeypatch.setattr(trainer_module, "check_anchors", lambda *args, **kwargs: calls.append(args))
-    train.run(weights=str(float_best), data=str(data_yaml), project=str(work), name="defaults",
-              **dict(QAT, epochs=1, save_period=-1))
+    with caplog.at_level(logging.INFO):
+        train.run(weights=str(float_best), data=str(data_yaml), project=str(work), name="defaults",
+                  **dict(QAT, epochs=1, save_period=-1, qat_observer_every=2))
     assert calls == []
+    assert any("QAT observers calibrate for 2 batches (one in 2 observed)" in r.getMessage() for r in caplog.records)
     run = work / "defaults"
     hyp = yaml.safe_load((run / "hyp.yaml").read_text())
     assert hyp["warmup_epochs"] == 0

@@ -52,6 +52,7 @@ FLAG_FIELDS: dict[str, tuple[str, Field]] = {
     "freeze": ("--freeze", Field("int", lo=0)), "patience": ("--patience", Field("int", lo=0)),
     "label_smoothing": ("--label-smoothing", Field(lo=0, hi=1, hi_open=True)),
     "qat_observer_epochs": ("--qat-observer-epochs", Field(lo=0)),
+    "qat_observer_every": ("--qat-observer-every", Field("int", lo=1)),
     "qat_freeze_bn_epoch": ("--qat-freeze-bn-epoch", Field("int", lo=-1)),
     "qat_calib_images": ("--qat-calib-images", Field("int", lo=0)),
     "target_drop": ("--target-drop", Field(lo=0)),

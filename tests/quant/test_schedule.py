@@ -45,6 +45,19 @@ def test_observer_window_counts_batches_across_epochs():
     assert QATSchedule(observer_epochs=1.1).observer_batches(100) == 110  # 1.1 * 100 is 110.00000000000001
 
 
+def test_observer_stride_observes_every_nth_batch_of_the_window():
+    s = QATSchedule(observer_epochs=1.5, observer_every=4, calibrated_before=True)
+    observed = [(e, b) for e in range(3) for b in range(10) if s.observers_on(e, b, 10)]
+    assert observed == [(0, 0), (0, 4), (0, 8), (1, 2)]  # counted across epochs, within the 15-batch window
+    assert s.in_observer_window(1, 3, 10) and not s.observers_on(1, 3, 10) and not s.in_observer_window(1, 5, 10)
+    # without a PTQ start the stride is lowered to keep min_observer_batches observed batches
+    assert QATSchedule(observer_every=8).observer_stride(16) == 2
+    assert QATSchedule(observer_every=8).observer_stride(1000) == 8
+    assert QATSchedule(observer_every=8).observer_stride(4) == 1
+    with pytest.raises(ValueError, match="--qat-observer-every"):
+        QATSchedule(observer_every=0).validate(10)
+
+
 def test_bn_freeze_epoch():
     s = QATSchedule(freeze_bn_epoch=2)
     assert [s.bn_frozen(e) for e in range(4)] == [False, False, True, True]
@@ -126,6 +139,25 @@ def test_schedule_state_observes_during_window(model):
     frozen = _observed(model)
     model(torch.rand(2, 3, 16, 16) * 10)
     assert _same(frozen, _observed(model))
+
+
+def test_schedule_state_with_a_stride_keeps_the_window(model, monkeypatch, caplog):
+    flips = []
+    original = schedule_mod.set_observers
+    monkeypatch.setattr(schedule_mod, "set_observers", lambda m, on: (flips.append(on), original(m, on)))
+    state = ScheduleState(QATSchedule(observer_epochs=1.0, observer_every=2, calibrated_before=True), 4)
+    seen = []
+    with caplog.at_level("INFO", logger="quant.schedule"):
+        for epoch in range(2):
+            for i in range(4):
+                state.step(model, epoch, i)
+                before = _observed(model)
+                model(torch.rand(2, 3, 16, 16) * (1 + 4 * epoch + i))  # a wider range every batch
+                seen.append((state.window, state.observers, not _same(before, _observed(model))))
+    assert seen[:4] == [(True, True, True), (True, False, False), (True, True, True), (True, False, False)]
+    assert all(s == (False, False, False) for s in seen[4:])
+    assert flips == [True, False, True, False]
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["QAT: observers frozen"]  # once, at the end
 
 
 def test_zero_observer_epochs_only_after_calibration():

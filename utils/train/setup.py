@@ -148,8 +148,9 @@ def describe_schedule(cfg: Any, hyp: dict, lf, nb: int, nw: int, qat_schedule: A
             + (f"warmup {nw} iterations" if nw else "no warmup (lr0 from the first step)"))
     if qat_schedule is not None:
         sched = qat_schedule.schedule
-        obs = sched.observer_batches(nb)
-        text += (f"; QAT observers {'calibrate for ' + str(obs) + ' batches' if obs else 'frozen from the start'}"
+        obs, stride = sched.observer_batches(nb), sched.observer_stride(nb)
+        window = f"calibrate for {obs} batches" + (f" (one in {stride} observed)" if stride > 1 else "")
+        text += (f"; QAT observers {window if obs else 'frozen from the start'}"
                  f", BN statistics " + (f"frozen from epoch {sched.freeze_bn_epoch}" if sched.freeze_bn_epoch >= 0
                                         else "never frozen"))
         if threshold_opt is not None:

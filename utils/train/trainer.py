@@ -176,8 +176,8 @@ class Trainer:
             from quant.schedule import QATSchedule, ScheduleState
 
             self.qat_schedule = ScheduleState(
-                QATSchedule(opt.qat_observer_epochs, opt.qat_freeze_bn_epoch,
-                            calibrated_before=self.qat_calibrated), self.nb)
+                QATSchedule(opt.qat_observer_epochs, opt.qat_freeze_bn_epoch, calibrated_before=self.qat_calibrated,
+                            observer_every=opt.qat_observer_every), self.nb)
         LOGGER.info(colorstr("schedule: ") + describe_schedule(opt, self.hyp, self.lf, self.nb, self.nw,
                                                               self.qat_schedule, self.threshold_opt, self.distill))
         self.stopper = EarlyStopping(patience=opt.patience)
@@ -275,8 +275,8 @@ class Trainer:
         """Apply the observer/BN schedule; under DDP, observers are reduced across ranks before they
         freeze so every rank keeps identical scales."""
         model = de_parallel(self.model)
-        was_on = self.qat_schedule.observers
-        if self.rank != -1 and was_on and not self.qat_schedule.schedule.observers_on(epoch, i, self.nb):
+        was_in_window = self.qat_schedule.window
+        if self.rank != -1 and was_in_window and not self.qat_schedule.schedule.in_observer_window(epoch, i, self.nb):
             from quant.schedule import iter_quantizers
 
             for _, q in iter_quantizers(model):
@@ -347,8 +347,8 @@ class Trainer:
             self.guard.skip("gradient norm", ni)
 
     def _thresholds_training(self) -> bool:
-        """Thresholds train once observers are frozen (while observing, the observer sets them)."""
-        return self.threshold_opt is not None and not self.qat_schedule.observers
+        """Thresholds train once the observer window is over (while observing, the observer sets them)."""
+        return self.threshold_opt is not None and not self.qat_schedule.window
 
     # ---------------------------------------------------------------------------- end of epoch
     def _end_epoch(self, epoch: int) -> bool:
