@@ -66,7 +66,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--qat-observer-epochs", type=float, default=1.0,
                    help="QAT: epochs (fractions allowed) during which observers keep calibrating in training, "
                         "after the PTQ calibration; 0: ranges stay as calibrated (needs --qat-calib-images > 0)")
-    p.add_argument("--qat-observer-every", type=int, default=1,
+    p.add_argument("--qat-observer-every", type=int, default=8,
                    help="QAT: observers count every N-th batch of their epochs (the others train at the frozen-"
                         "observer cost); lowered to keep 8 observed batches when --qat-calib-images is 0")
     p.add_argument("--qat-freeze-bn-epoch", type=int, default=2,
@@ -137,10 +137,11 @@ def _find_weights(weights: str) -> str:
 
 def _init_distributed(opt: argparse.Namespace, ctx: DistContext) -> tuple[torch.device, bool]:
     """Device for this process; joins the process group under torchrun (LOCAL_RANK set)."""
-    from utils.torch_utils import select_device
+    from utils.torch_utils import keep_freed_memory, select_device
 
     local_rank = ctx.local_rank
     device = select_device(opt.device, batch_size=opt.batch_size)
+    keep_freed_memory(device)
     if local_rank == -1:
         return device, False
     import torch.distributed as dist

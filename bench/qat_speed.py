@@ -162,7 +162,7 @@ def _rows(eager: list[Variant], compiled: list[Variant], observer_every: int = 1
         columns["compiled"] = {name: v.median_ms for name, v in comp.items()}
     labels = {v.name: v.label for v in eager}
     if observer_every > 1:
-        labels["qat_observer_window"] = f"QAT, observer window (1 batch in {observer_every} observed), mean"
+        labels["qat_observer_window"] = f"QAT, observer window, 1 in {observer_every} observed"
         for ms in columns.values():
             ms["qat_observer_window"] = (ms["qat_observe"] + (observer_every - 1) * ms["qat_frozen_observers"]) \
                 / observer_every
@@ -204,12 +204,13 @@ def run(cfg: str = "yolov5n.yaml", act: Optional[str] = "relu", imgsz: int = 320
         json_out: Optional[str | Path] = None, observer_every: Optional[int] = None) -> dict:
     """Measure, print the table, return (and with ``json_out`` save) the results."""
     from bench.train_speed import DEFAULT_HYP, synchronize
-    from utils.torch_utils import describe_device, select_device
+    from utils.torch_utils import describe_device, keep_freed_memory, select_device
     from utils.train.config import TrainConfig
 
     if rounds < 1 or steps < 1:
         raise ValueError(f"qat_speed: --rounds and --steps must be >= 1, got {rounds} and {steps}")
     dev = select_device(device)
+    keep_freed_memory(dev)  # as train.py does
     opt = dict(cfg=cfg, act=act, imgsz=imgsz, batch_size=batch_size, rounds=rounds, steps=steps, warmup=warmup,
                compile=compile, onnx_weights=onnx_weights, onnx_imgsz=tuple(onnx_imgsz), onnx_threads=onnx_threads,
                onnx_block=onnx_block, hyp=hyp or DEFAULT_HYP, qat_config=qat_config, seed=seed)

@@ -332,11 +332,12 @@ def run(cfg: str | Path = "yolov5s.yaml", imgsz: int = 640, batch_size: Optional
     short loader runs are noisy).
     """
     from utils.data.data_config import check_img_size
-    from utils.torch_utils import select_device, use_channels_last
+    from utils.torch_utils import keep_freed_memory, select_device, use_channels_last
 
     if steps < 2:
         raise ValueError(f"train_speed: --steps must be >= 2 (one per QAT observer phase), got {steps}")
     dev = select_device(device)
+    keep_freed_memory(dev)  # as train.py does
     channels_last = use_channels_last(memory_format, dev)  # the trainer's choice for this device
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as train.py without --deterministic

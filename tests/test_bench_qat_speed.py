@@ -61,7 +61,7 @@ def test_run_measures_every_phase_compiled_float_and_onnx(tmp_path, monkeypatch,
     assert latency["int8_over_fp32"] == pytest.approx(latency["int8_median_ms"] / latency["fp32_median_ms"])
     printed = capsys.readouterr().out
     assert "QAT, observers and BN frozen" in printed and "x eager" in printed and "INT8/FP32" in printed
-    assert "1 batch in 4 observed" in printed
+    assert "observer window, 1 in 4 observed" in printed
 
 
 def test_run_refuses_empty_rounds():

@@ -284,3 +284,16 @@ def test_early_stopping_disabled_and_ties():
     assert not any(stopper(e, 0.0) for e in range(100))
     tie = EarlyStopping(patience=2)
     assert not any(tie(e, 0.0) for e in range(10))  # equal fitness counts as improvement
+
+
+def test_keep_freed_memory_sets_glibc_malloc_once_on_cpu_only():
+    """A fresh process: a CUDA device leaves malloc alone; the CPU device sets it (this Linux runs glibc)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import torch; from utils.torch_utils import keep_freed_memory as k; "
+            "print(k(torch.device('cuda')), k(torch.device('cpu')), k(torch.device('cpu')), k(torch.device('cuda')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2]).stdout.split()
+    assert out == ["False", "True", "True", "True"]

@@ -84,7 +84,7 @@ class TrainConfig:
     qat: bool = False
     qat_config: str = ""
     qat_observer_epochs: float = 1.0
-    qat_observer_every: int = 1
+    qat_observer_every: int = 8
     qat_calib_images: int = 512
     qat_freeze_bn_epoch: int = 2
     qat_graphs: bool = False
