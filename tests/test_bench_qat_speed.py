@@ -67,3 +67,12 @@ def test_run_measures_every_phase_compiled_float_and_onnx(tmp_path, monkeypatch,
 def test_run_refuses_empty_rounds():
     with pytest.raises(ValueError, match="--rounds"):
         run(rounds=0)
+
+
+def test_qat_profile_tables_and_fault_counts():
+    from bench.qat_profile import run as profile
+
+    tables = profile(phase=("float", "qat_frozen"), cfg="yolov5p.yaml", imgsz=64, batch_size=1, steps=1, top=3)
+    assert set(tables) == {"float", "qat_frozen"} and all("Self CPU" in t for t in tables.values())
+    counts = profile(phase=("qat_observe",), cfg="yolov5p.yaml", imgsz=64, batch_size=1, steps=1, faults=True)
+    assert "minor page faults/step" in counts["qat_observe"]

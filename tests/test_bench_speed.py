@@ -82,3 +82,11 @@ def test_gpu_speed_script_runs_on_cpu(tmp_path):
     assert "float_over_upstream" in speed["ratios"] and "qat_frozen" in steps["stages"]
     qat = json.loads((tmp_path / "out" / "qat_speed.json").read_text())
     assert qat["config"]["device"] == "cpu" and "qat_frozen" in qat["steps"] and "onnx" not in qat
+
+
+def test_mask_cost_times_every_eager_pass(capsys):
+    from bench.mask_cost import run
+
+    rows = run(shape=(2, 4, 8, 8), runs=2)
+    assert len(rows) == 8 and all(ms > 0 for ms in rows.values())
+    assert "x * keep (float 1/0)" in rows and "x * keep (float 1/0)" in capsys.readouterr().out

@@ -1,0 +1,90 @@
+"""What a gradient mask costs on this CPU: one elementwise pass over an activation-sized tensor with the
+mask as bool or as float, eager and (``--compiled``) in inductor's generated kernels.
+
+Usage:
+    python -m bench.mask_cost                 # eager ops
+    python -m bench.mask_cost --compiled      # plus compiled kernels that write the mask
+
+Why it matters: the CPU fake-quant saves its straight-through mask for the backward, and autograd saves
+one per ReLU; notes/qat_speed.md has the table and what changed because of it.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+
+
+def median_ms(fn: Callable[[], object], runs: int = 50, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def eager_rows(shape: tuple[int, ...], runs: int) -> dict[str, float]:
+    """ms of each eager pass; ``m`` a random bool mask, ``mostly`` one that is 99.9 % true."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen)
+    m = x <= 0
+    mostly = torch.rand(shape, generator=gen) < 0.999
+    keep = m.float()
+    out = torch.empty_like(x)
+    rows = {
+        "x * 2": lambda: x * 2,
+        "x <= 0 (writes bool)": lambda: x <= 0,
+        "torch.eq(x, x, out=float tensor)": lambda: torch.eq(x, x, out=out),
+        "torch.where(m, 0, x), m random": lambda: torch.where(m, 0.0, x),
+        "x.masked_fill(m, 0), m random": lambda: x.masked_fill(m, 0),
+        "x * m (bool promoted), m random": lambda: x * m,
+        "torch.where(mostly, x, 0), 99.9 % true": lambda: torch.where(mostly, x, 0.0),
+        "x * keep (float 1/0)": lambda: x * keep,
+    }
+    return {name: median_ms(fn, runs) for name, fn in rows.items()}
+
+
+def compiled_rows(shape: tuple[int, ...], runs: int) -> dict[str, float]:
+    """ms of one compiled kernel computing relu(x) * 2 and writing the mask x <= 0 in three dtypes."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    kernels = {
+        "compiled relu(x) * 2": lambda t: torch.relu(t) * 2,
+        "  + mask as bool": lambda t: (torch.relu(t) * 2, t <= 0),
+        "  + mask as uint8": lambda t: (torch.relu(t) * 2, (t <= 0).to(torch.uint8)),
+        "  + mask as float": lambda t: (torch.relu(t) * 2, (t <= 0).float()),
+    }
+    rows = {}
+    with torch.no_grad():
+        for name, fn in kernels.items():
+            compiled = torch.compile(fn)
+            rows[name] = median_ms(lambda: compiled(x), runs)
+    return rows
+
+
+def run(shape: tuple[int, ...] = (8, 32, 80, 80), runs: int = 50, compiled: bool = False) -> dict[str, float]:
+    rows = eager_rows(shape, runs)
+    if compiled:
+        rows.update(compiled_rows(shape, runs))
+    print(f"mask_cost: one pass over {tuple(shape)} float32 ({torch.get_num_threads()} threads), median of {runs}")
+    for name, ms in rows.items():
+        print(f"  {name:<44}{ms:8.3f} ms")
+    return rows
+
+
+def parse_opt(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", nargs="+", type=int, default=[8, 32, 80, 80])
+    p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--compiled", action="store_true", help="also time inductor kernels that write the mask")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    o = parse_opt()
+    run(tuple(o.shape), o.runs, o.compiled)
