@@ -32,14 +32,14 @@ __all__ = ["QATConvBnAct", "QATConv", "make_act", "quantized_convs"]
 _TINY_SCALE = 1e-12
 
 
-def make_act(kind: Optional[str]) -> nn.Module:
+def make_act(kind: Optional[str], inplace: bool = False) -> nn.Module:
     """'relu' -> ReLU, 'relu6' -> ReLU6, None -> Identity (the activations an integer conv can clamp)."""
     if kind is None:
         return nn.Identity()
     if kind == "relu":
-        return nn.ReLU()
+        return nn.ReLU(inplace=inplace)
     if kind == "relu6":
-        return nn.ReLU6()
+        return nn.ReLU6(inplace=inplace)
     raise ValueError(f"fused activation must be 'relu', 'relu6' or None, got {kind!r}")
 
 
@@ -111,7 +111,9 @@ class QATConvBnAct(_LinksInput, nn.Module):
             conv, bn = self._folded_conv(conv, bn), None
         self.conv = conv
         self.bn = bn
-        self.act = make_act(act)
+        # In place, as the float model's: the pre-activation is a temporary that neither the conv's nor
+        # BN's backward reads (they keep their inputs), and an out-of-place ReLU costs a new tensor per call.
+        self.act = make_act(act, inplace=True)
         self.weight_fake_quant = weight_fq
         self.bn_mode = bn_mode
         self.bn_frozen = False
