@@ -42,6 +42,7 @@ SHARED = Path(os.environ.get("YQ_SHARED", ROOT.parent / "shared"))
 LOGGER = logging.getLogger("bench.qat_speed")
 
 NC = 80  # classes of the random training batch (COCO's, as the model yamls)
+ONNX_SETTLE_S = 0.05  # pause before each onnxruntime block
 PHASES = {  # name -> (label, observers on, BN frozen, forward: 'view' (what the trainer runs) or 'full')
     "qat_observe": ("QAT, observers on (BN batch statistics)", True, False, "full"),
     "qat_frozen_observers": ("QAT, observers frozen, BN batch statistics", False, False, "view"),
@@ -65,11 +66,15 @@ class Variant:
         return 1000 * statistics.median(self.times) if self.times else float("nan")
 
 
-def interleave(variants: list[Variant], rounds: int, steps: int, sync: Callable[[], None] = lambda: None) -> None:
+def interleave(variants: list[Variant], rounds: int, steps: int, sync: Callable[[], None] = lambda: None,
+               settle: float = 0.0) -> None:
     """``rounds`` rounds of ``steps`` timed steps per variant; round r starts at variant r (mod n), so
-    no variant always runs first or after the same neighbour."""
+    no variant always runs first or after the same neighbour. ``settle``: seconds of pause before each
+    block, so the previous variant's spinning worker threads (onnxruntime's) have gone idle."""
     for r in range(rounds):
         for v in variants[r % len(variants):] + variants[:r % len(variants)]:
+            if settle:
+                time.sleep(settle)
             v.setup()
             for _ in range(steps):
                 sync()
@@ -145,7 +150,9 @@ def _onnx_rows(opt: dict) -> list[dict]:
                 for _ in range(3):
                     run()
                 variants.append(Variant(name, name, run))
-            interleave(variants, opt["rounds"], opt["onnx_block"])
+            # Without a pause the idle session's spinning threads share the 2 cores with the timed one:
+            # INT8/FP32 at 320 px came out anywhere from 0.54 to 0.96 (notes/qat_speed.md).
+            interleave(variants, opt["rounds"], opt["onnx_block"], settle=ONNX_SETTLE_S)
             fp32, int8 = (v.median_ms for v in variants)
             rows.append({"imgsz": int(size), "fp32_median_ms": fp32, "int8_median_ms": int8, "int8_over_fp32": int8 / fp32,
                          "runs": len(variants[0].times), "threads": opt["onnx_threads"]})

@@ -3,6 +3,7 @@ the onnxruntime rows, and ratios that follow from the medians."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -10,12 +11,16 @@ import torch
 from bench.qat_speed import PHASES, Variant, interleave, run
 
 
-def test_interleave_turns_the_order_each_round():
+def test_interleave_turns_the_order_each_round(monkeypatch):
     order = []
     variants = [Variant(n, n, lambda n=n: order.append(n)) for n in "abc"]
     interleave(variants, rounds=4, steps=2)
     assert order == list("aabbcc" "bbccaa" "ccaabb" "aabbcc")
     assert all(len(v.times) == 8 and v.median_ms >= 0 for v in variants)
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    interleave(variants, rounds=2, steps=1, settle=0.05)
+    assert slept == [0.05] * 6 and order[-6:] == list("abcbca")  # one pause before each block
 
 
 def test_run_measures_every_phase_compiled_float_and_onnx(tmp_path, monkeypatch, capsys, shared_dir):
