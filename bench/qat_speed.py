@@ -42,7 +42,7 @@ SHARED = Path(os.environ.get("YQ_SHARED", ROOT.parent / "shared"))
 LOGGER = logging.getLogger("bench.qat_speed")
 
 NC = 80  # classes of the random training batch (COCO's, as the model yamls)
-ONNX_SETTLE_S = 0.05  # pause before each onnxruntime block
+ONNX_SETTLE_S = 0.05  # default pause before each onnxruntime block (--onnx-settle)
 PHASES = {  # name -> (label, observers on, BN frozen, forward: 'view' (what the trainer runs) or 'full')
     "qat_observe": ("QAT, observers on (BN batch statistics)", True, False, "full"),
     "qat_frozen_observers": ("QAT, observers frozen, BN batch statistics", False, False, "view"),
@@ -143,7 +143,7 @@ def _onnx_rows(opt: dict) -> list[dict]:
             files = build_pair(Path(opt["onnx_weights"]), int(size), Path(tmp), opt["act"] or "relu")
             variants = []
             for name, file in zip(("fp32", "int8"), files):
-                model, meta = load_onnx_model(file, "cpu", threads=opt["onnx_threads"], spin=True)
+                model, meta = load_onnx_model(file, "cpu", threads=opt["onnx_threads"], spin=opt["onnx_spin"])
                 h, w = meta["imgsz"]
                 x = np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32).astype(model.input_dtype)
                 run = (lambda s, feed: lambda: s.run(None, feed))(model.session, {model.input_name: x})
@@ -152,7 +152,7 @@ def _onnx_rows(opt: dict) -> list[dict]:
                 variants.append(Variant(name, name, run))
             # Without a pause the idle session's spinning threads share the 2 cores with the timed one:
             # INT8/FP32 at 320 px came out anywhere from 0.54 to 0.96 (notes/qat_speed.md).
-            interleave(variants, opt["rounds"], opt["onnx_block"], settle=ONNX_SETTLE_S)
+            interleave(variants, opt["rounds"], opt["onnx_block"], settle=opt["onnx_settle"])
             fp32, int8 = (v.median_ms for v in variants)
             rows.append({"imgsz": int(size), "fp32_median_ms": fp32, "int8_median_ms": int8, "int8_over_fp32": int8 / fp32,
                          "runs": len(variants[0].times), "threads": opt["onnx_threads"]})
@@ -207,6 +207,7 @@ def run(cfg: str = "yolov5n.yaml", act: Optional[str] = "relu", imgsz: int = 320
         rounds: int = 7, steps: int = 2, warmup: int = 3, device: str = "cpu", threads: int = 0,
         compile: bool = True, onnx: bool = True, onnx_weights: str | Path = SHARED / "weights" / "yolov5n.pt",
         onnx_imgsz: tuple[int, ...] = (320,), onnx_threads: int = 0, onnx_block: int = 5,
+        onnx_settle: float = ONNX_SETTLE_S, onnx_spin: bool = True,
         hyp: Optional[str | Path] = None, qat_config: Optional[str | Path] = None, seed: int = 0,
         json_out: Optional[str | Path] = None, observer_every: Optional[int] = None) -> dict:
     """Measure, print the table, return (and with ``json_out`` save) the results."""
@@ -220,7 +221,8 @@ def run(cfg: str = "yolov5n.yaml", act: Optional[str] = "relu", imgsz: int = 320
     keep_freed_memory(dev)  # as train.py does
     opt = dict(cfg=cfg, act=act, imgsz=imgsz, batch_size=batch_size, rounds=rounds, steps=steps, warmup=warmup,
                compile=compile, onnx_weights=onnx_weights, onnx_imgsz=tuple(onnx_imgsz), onnx_threads=onnx_threads,
-               onnx_block=onnx_block, hyp=hyp or DEFAULT_HYP, qat_config=qat_config, seed=seed)
+               onnx_block=onnx_block, onnx_settle=onnx_settle, onnx_spin=onnx_spin, hyp=hyp or DEFAULT_HYP,
+               qat_config=qat_config, seed=seed)
     before = torch.get_num_threads()
     torch.set_num_threads(threads if threads > 0 else before)
     try:
@@ -257,6 +259,10 @@ def parse_opt(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--onnx-imgsz", nargs="+", type=int, default=[320], help="export and inference sizes")
     p.add_argument("--onnx-threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     p.add_argument("--onnx-block", type=int, default=5, help="onnxruntime runs per model and round")
+    p.add_argument("--onnx-settle", type=float, default=ONNX_SETTLE_S,
+                   help="seconds of pause before each onnxruntime block (spinning threads go idle)")
+    p.add_argument("--onnx-no-spin", dest="onnx_spin", action="store_false",
+                   help="onnxruntime worker threads do not spin between runs")
     p.add_argument("--hyp", type=str, default=None, help="hyperparameters (default hyp.scratch-low)")
     p.add_argument("--qat-config", type=str, default=None, help="QAT config yaml (default data/quant/default.yaml)")
     p.add_argument("--seed", type=int, default=0)
