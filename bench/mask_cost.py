@@ -67,10 +67,37 @@ def compiled_rows(shape: tuple[int, ...], runs: int) -> dict[str, float]:
     return rows
 
 
+class _FloatMaskReLU(torch.autograd.Function):
+    """ReLU whose backward multiplies by a saved float 1/0 mask (what the CPU fake-quant does)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(torch.gt(x, 0, out=torch.empty_like(x)))
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (kept,) = ctx.saved_tensors
+        return grad * kept
+
+
+def training_rows(shape: tuple[int, ...], runs: int) -> dict[str, float]:
+    """ms of a forward and backward of relu(x) * 2: eager, compiled, and compiled with the float-mask
+    function above (whose saved mask inductor still stores as bool)."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    steps = {
+        "training step relu(x) * 2, eager": lambda t: torch.relu(t) * 2,
+        "  compiled": torch.compile(lambda t: torch.relu(t) * 2),
+        "  compiled, float-mask autograd function": torch.compile(lambda t: _FloatMaskReLU.apply(t) * 2),
+    }
+    return {name: median_ms(lambda fn=fn: fn(x).sum().backward(), runs) for name, fn in steps.items()}
+
+
 def run(shape: tuple[int, ...] = (8, 32, 80, 80), runs: int = 50, compiled: bool = False) -> dict[str, float]:
     rows = eager_rows(shape, runs)
     if compiled:
         rows.update(compiled_rows(shape, runs))
+        rows.update(training_rows(shape, runs))
     print(f"mask_cost: one pass over {tuple(shape)} float32 ({torch.get_num_threads()} threads), median of {runs}")
     for name, ms in rows.items():
         print(f"  {name:<44}{ms:8.3f} ms")

@@ -105,9 +105,9 @@ def test_concat_inputs_share_one_scale(exported):
 
 def test_onnxruntime_runs_every_conv_on_integer_kernels(exported):
     """The default export (free height/width): onnxruntime's optimised graph has a QLinearConv for each of
-    the 60 convs and no float Conv, and every concat and upsample on 8-bit tensors. The head's sizes come from the input, so no Shape op reads a quantized
-    conv output (those Shape readers once kept the three head convs float, and made OpenVINO misapply
-    their biases)."""
+    the 60 convs and no float Conv, and every concat and upsample on 8-bit tensors. The head's sizes come
+    from the input, so no Shape op reads a quantized conv output (those Shape readers once kept the three
+    head convs float, and made OpenVINO misapply their biases)."""
     from quant.qdq_onnx import read_steps
     from utils.export.onnx_runtimes import ConvKernels, conv_kernels, ort_optimized_ops
 
@@ -255,3 +255,20 @@ def test_emits_int_is_the_one_predicate_export_and_bias_rounding_use():
     assert not q8.emits_int()
     bias = torch.tensor([0.3])
     assert quantize_bias(bias, q16, q16) is bias  # 16-bit: stays float, as in the exported file
+
+
+def test_resize_requantization_is_one_pair_per_upsample_and_undoable(exported):
+    """The export re-states the grid after each of yolov5n's two nearest upsamples; bench.qdq_resize_ab's
+    undo restores the file without them, which still passes the structure check."""
+    from bench.qdq_resize_ab import without_resize_requant
+    from quant.qdq_onnx import REQUANT_SUFFIX, check_qdq_structure
+
+    _, _, model = exported
+    pairs = [n for n in model.graph.node if n.name.endswith(REQUANT_SUFFIX)]
+    assert len(pairs) == 2 and all(n.op_type == "QuantizeLinear" for n in pairs)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    assert all(producer[n.input[0]].op_type == "Resize" for n in pairs)
+    undone = without_resize_requant(model)
+    assert not any(n.name.endswith(REQUANT_SUFFIX) for n in undone.graph.node)
+    assert len(undone.graph.node) == len(model.graph.node) - 4
+    assert check_qdq_structure(undone)["aligned_concats"] == check_qdq_structure(model)["aligned_concats"]
