@@ -4,6 +4,7 @@ enable methods, an in-place write of the exponent, DDP's buffer broadcast — is
 from __future__ import annotations
 
 import copy
+import gc
 from datetime import timedelta
 
 import pytest
@@ -151,6 +152,13 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
                 model.fq.exponent.add_(3)  # rank 0 moves on; DDP copies it over before the next forward
         out = ddp(x)
         torch.save({"exponent": model.fq.exponent.clone(), "out": out.detach()}, f"{out_dir}/rank{rank}.pt")
+        # Let gloo's worker threads finish with DDP's tensors, then drop DDP while the group still exists.
+        # Otherwise DDP's reducer may hold the group's last reference and destroy it at function exit: its
+        # destructor joins those threads while holding the GIL, and a thread freeing a tensor waits for the
+        # GIL (a deadlock seen twice in full-suite runs, in ProcessGroupGloo::~ProcessGroupGloo).
+        dist.barrier()
+        del ddp, out
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
