@@ -11,22 +11,21 @@ one per ReLU; notes/qat_speed.md has the table and what changed because of it.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from typing import Callable, Optional
 
 import torch
 
+from bench.qat_speed import Variant, interleave
 
-def median_ms(fn: Callable[[], object], runs: int = 50, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+
+def timed(rows: dict[str, Callable[[], object]], runs: int, warmup: int = 3) -> dict[str, float]:
+    """Median ms of each callable, timed in interleaved rounds (bench.qat_speed.interleave)."""
+    variants = [Variant(name, name, fn) for name, fn in rows.items()]
+    for v in variants:
+        for _ in range(warmup):
+            v.step()
+    interleave(variants, runs, 1)
+    return {v.name: v.median_ms for v in variants}
 
 
 def eager_rows(shape: tuple[int, ...], runs: int) -> dict[str, float]:
@@ -47,7 +46,7 @@ def eager_rows(shape: tuple[int, ...], runs: int) -> dict[str, float]:
         "torch.where(mostly, x, 0), 99.9 % true": lambda: torch.where(mostly, x, 0.0),
         "x * keep (float 1/0)": lambda: x * keep,
     }
-    return {name: median_ms(fn, runs) for name, fn in rows.items()}
+    return timed(rows, runs)
 
 
 def compiled_rows(shape: tuple[int, ...], runs: int) -> dict[str, float]:
@@ -59,12 +58,8 @@ def compiled_rows(shape: tuple[int, ...], runs: int) -> dict[str, float]:
         "  + mask as uint8": lambda t: (torch.relu(t) * 2, (t <= 0).to(torch.uint8)),
         "  + mask as float": lambda t: (torch.relu(t) * 2, (t <= 0).float()),
     }
-    rows = {}
     with torch.no_grad():
-        for name, fn in kernels.items():
-            compiled = torch.compile(fn)
-            rows[name] = median_ms(lambda: compiled(x), runs)
-    return rows
+        return timed({name: (lambda c: lambda: c(x))(torch.compile(fn)) for name, fn in kernels.items()}, runs)
 
 
 class _FloatMaskReLU(torch.autograd.Function):
@@ -90,7 +85,7 @@ def training_rows(shape: tuple[int, ...], runs: int) -> dict[str, float]:
         "  compiled": torch.compile(lambda t: torch.relu(t) * 2),
         "  compiled, float-mask autograd function": torch.compile(lambda t: _FloatMaskReLU.apply(t) * 2),
     }
-    return {name: median_ms(lambda fn=fn: fn(x).sum().backward(), runs) for name, fn in steps.items()}
+    return timed({name: (lambda fn=fn: fn(x).sum().backward()) for name, fn in steps.items()}, runs)
 
 
 def run(shape: tuple[int, ...] = (8, 32, 80, 80), runs: int = 50, compiled: bool = False) -> dict[str, float]:

@@ -8,10 +8,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.qat_speed import ONNX_SETTLE_S, SHARED  # noqa: E402
+from bench.qat_speed import ONNX_SETTLE_S, SHARED, Variant, interleave  # noqa: E402
 
 
 def without_resize_requant(model: Any) -> Any:
@@ -48,9 +46,9 @@ def without_resize_requant(model: Any) -> Any:
 def run(weights: Path = SHARED / "weights" / "yolov5n.pt", imgsz: tuple[int, ...] = (320, 640), threads: int = 2,
         rounds: int = 40, block: int = 5) -> list[dict]:
     import onnx
-    import onnxruntime as ort
 
     from bench.int8_latency import build_pair
+    from utils.export.onnx_backend import load_onnx_model
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,26 +57,18 @@ def run(weights: Path = SHARED / "weights" / "yolov5n.pt", imgsz: tuple[int, ...
             before = Path(tmp) / f"int8_{size}_float_resize.onnx"
             onnx.save(without_resize_requant(onnx.load(str(int8))), str(before))
             x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
-            timed = {}
+            variants, sessions = [], {}
             for name, file in (("fp32", fp32), ("int8, float resize and concat", before), ("int8, 8-bit", int8)):
-                options = ort.SessionOptions()
-                options.intra_op_num_threads = threads
-                session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
-                feed = {session.get_inputs()[0].name: x}
+                model, _ = load_onnx_model(file, "cpu", threads=threads, spin=True)
+                feed = {model.input_name: x.astype(model.input_dtype)}
+                sessions[name] = (model.session, feed)
+                run_once = (lambda s, f: lambda: s.run(None, f))(model.session, feed)
                 for _ in range(5):
-                    session.run(None, feed)
-                timed[name] = (session, feed, [])
-            for r in range(rounds):
-                names = list(timed)
-                for name in names[r % 3:] + names[:r % 3]:
-                    session, feed, times = timed[name]
-                    time.sleep(ONNX_SETTLE_S)  # the other sessions' spinning threads go idle
-                    for _ in range(block):
-                        t0 = time.perf_counter()
-                        session.run(None, feed)
-                        times.append(time.perf_counter() - t0)
-            ms = {name: 1000 * statistics.median(t) for name, (_, _, t) in timed.items()}
-            (a, fa, _), (b, fb, _) = timed["int8, float resize and concat"], timed["int8, 8-bit"]
+                    run_once()
+                variants.append(Variant(name, name, run_once))
+            interleave(variants, rounds, block, settle=ONNX_SETTLE_S)
+            ms = {v.name: v.median_ms for v in variants}
+            (a, fa), (b, fb) = sessions["int8, float resize and concat"], sessions["int8, 8-bit"]
             same = all(np.array_equal(p, q) for p, q in zip(a.run(None, fa), b.run(None, fb)))
             rows.append({"imgsz": size, **ms, "identical_outputs": same})
             print(f"{size} px: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items())
