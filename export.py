@@ -23,7 +23,7 @@ def default_check_images() -> list[Path]:
 
 def run(data=None, weights=ROOT / "yolov5s.pt", imgsz=(640, 640), batch_size=1, device="cpu", include=("onnx",),
         half=False, dynamic=False, simplify=False, opset=17, raw_head=False, check_images=None, fixed_shape=False,
-        openvino_compat=False):
+        openvino_compat=False, plain_qdq=False):
     """Export and check; returns the list of files written (one per --include format)."""
     from utils.export.job import export_weights
 
@@ -31,7 +31,7 @@ def run(data=None, weights=ROOT / "yolov5s.pt", imgsz=(640, 640), batch_size=1, 
     result = export_weights(weights, imgsz=imgsz, batch_size=batch_size, device=device, half=half,
                             dynamic=dynamic, simplify=simplify, opset=opset, include=include,
                             raw_head=raw_head, data=data, check_images=images, fixed_shape=fixed_shape,
-                            openvino_compat=openvino_compat)
+                            openvino_compat=openvino_compat, plain_qdq=plain_qdq)
     return [str(result.file)]
 
 
@@ -57,6 +57,9 @@ def parse_opt(argv=None):
     parser.add_argument("--openvino-compat", action="store_true",
                         help="QDQ: identity 1x1 MaxPools where OpenVINO 2026.4 otherwise departs from the ONNX "
                              "spec (residual Adds, int8 concats); same outputs elsewhere (README, Runtimes)")
+    parser.add_argument("--plain-qdq", action="store_true",
+                        help="QDQ: keep the traced graph (6x6 stem conv, unpadded head convs) instead of the exact "
+                             "SpaceToDepth stem and 16-channel head padding onnxruntime runs faster (README, Export)")
     parser.add_argument("--check-images", nargs="*", default=None,
                         help="images for the onnxruntime-vs-PyTorch check (default: shared bus.jpg and "
                              "zidane.jpg if present; none given: random inputs)")

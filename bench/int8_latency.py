@@ -32,8 +32,10 @@ def _calibration_batch(imgsz: int, n: int):
     return (sample_batch(images, max(len(images), 1), (imgsz, imgsz)) * 255).round().to(torch.uint8)
 
 
-def build_pair(weights: Path, imgsz: int, folder: Path, act: str = "relu", calib: int = 8) -> tuple[Path, Path]:
-    """(fp32 .onnx, int8 QDQ .onnx) of ``weights`` rebuilt with ``act``, exported at ``imgsz``."""
+def build_pair(weights: Path, imgsz: int, folder: Path, act: str = "relu", calib: int = 8,
+               plain_qdq: bool = False) -> tuple[Path, Path]:
+    """(fp32 .onnx, int8 QDQ .onnx) of ``weights`` rebuilt with ``act``, exported at ``imgsz`` (the QDQ file
+    without the kernel-layout rewrites with ``plain_qdq``, as export.py --plain-qdq)."""
     from quant.calibrate import calibrate
     from utils.checkpoint import make_checkpoint, save_checkpoint
     from utils.export.job import export_weights
@@ -47,7 +49,7 @@ def build_pair(weights: Path, imgsz: int, folder: Path, act: str = "relu", calib
     calibrate(prepared, [_calibration_batch(imgsz, calib)], calib)
     save_checkpoint(make_checkpoint(prepared, quant=qat_checkpoint_entry(prepared)), int8_pt)
     fp32 = export_weights(fp32_pt, imgsz=imgsz, check_images=[]).file
-    int8 = export_weights(int8_pt, imgsz=imgsz, check_images=[]).file
+    int8 = export_weights(int8_pt, imgsz=imgsz, check_images=[], plain_qdq=plain_qdq).file
     return fp32, int8
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -61,6 +62,42 @@ def run(onnx=(), batch_size=1, imgsz=None, iters=50, warmup=5, threads=0, json_o
     if json_out:
         Path(json_out).write_text(json.dumps(rows, indent=2))
     return rows
+
+
+def side_by_side(files: dict[str, Path], imgsz: int, threads: int = 2, rounds: int = 40,
+                 block: int = 5) -> tuple[dict[str, float], dict[str, list]]:
+    """({name: median ms}, {name: outputs}) of ``files`` run on one random (1, 3, imgsz, imgsz) image,
+    timed in interleaved blocks of ``block`` runs (bench.qat_speed.interleave, with its pause before each
+    block so an idle session's spinning threads do not share the cores with the timed one)."""
+    import numpy as np
+
+    from bench.qat_speed import ONNX_SETTLE_S, Variant, interleave
+    from utils.export.onnx_backend import load_onnx_model
+
+    x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
+    variants, outputs = [], {}
+    for name, file in files.items():
+        model, _ = load_onnx_model(file, "cpu", threads=threads, spin=True)
+        feed = {model.input_name: x.astype(model.input_dtype)}
+        run_once = (lambda s, f: lambda: s.run(None, f))(model.session, feed)
+        for _ in range(5):
+            outputs[name] = run_once()
+        variants.append(Variant(name, name, run_once))
+    interleave(variants, rounds, block, settle=ONNX_SETTLE_S)
+    return {v.name: v.median_ms for v in variants}, outputs
+
+
+def run_ab_cli(run, doc: str, argv=None) -> list[dict]:
+    """Command line of the side-by-side export benches (bench.int8_layout, bench.qdq_resize_ab):
+    ``run(weights, imgsz, threads, rounds)`` with the parsed options."""
+    shared = Path(os.environ.get("YQ_SHARED", ROOT.parent / "shared"))
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--weights", type=str, default=str(shared / "weights" / "yolov5n.pt"))
+    p.add_argument("--imgsz", nargs="+", type=int, default=[320, 640])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=40)
+    o = p.parse_args(argv)
+    return run(Path(o.weights), tuple(o.imgsz), o.threads, o.rounds)
 
 
 def parse_opt(argv=None):

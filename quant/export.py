@@ -209,7 +209,8 @@ def _plain_torch_export(module: nn.Module, example: torch.Tensor, file: Path) ->
 def export_qdq(prepared: fx.GraphModule, example: torch.Tensor, file: Union[str, Path],
                wrap: Optional[Callable[[nn.Module], nn.Module]] = None,
                torch_export: Optional[Callable[[nn.Module, torch.Tensor, Path], None]] = None,
-               converted: Optional[fx.GraphModule] = None, openvino_compat: bool = False) -> QdqExport:
+               converted: Optional[fx.GraphModule] = None, openvino_compat: bool = False,
+               kernel_layout: bool = True) -> QdqExport:
     """Write ``prepared`` as a QDQ ONNX file: convert -> record the quantizer calls -> torch.onnx.export
     -> finalize (int8 weights, int32 biases) -> check the structure -> ranges. Raises ValueError when
     a check fails.
@@ -218,7 +219,8 @@ def export_qdq(prepared: fx.GraphModule, example: torch.Tensor, file: Union[str,
     layout); ``torch_export(module, example, file)`` runs torch.onnx.export with the caller's names,
     opset and dynamic axes (default: the TorchScript exporter, opset 17); ``converted`` reuses an
     earlier conversion of the same model; ``openvino_compat`` applies :func:`quant.qdq_onnx.openvino_guards`
-    (numerically a no-op).
+    (numerically a no-op); ``kernel_layout`` the exact rewrites onnxruntime's integer kernels run faster
+    (:func:`quant.qdq_onnx.finalize_qdq_onnx`).
 
     Example:
         >>> result = export_qdq(prepared, torch.zeros(1, 3, 64, 64), "model.onnx")  # doctest: +SKIP
@@ -233,7 +235,7 @@ def export_qdq(prepared: fx.GraphModule, example: torch.Tensor, file: Union[str,
     module = wrap(converted) if wrap is not None else converted
     with recording_quantizer_calls(module) as calls:
         (torch_export or _plain_torch_export)(module, example.float(), file)
-    model = finalize_qdq_onnx(onnx.load(str(file)))
+    model = finalize_qdq_onnx(onnx.load(str(file)), kernel_layout=kernel_layout)
     if openvino_compat:
         openvino_guards(model)
     summary = check_qdq_structure(model)

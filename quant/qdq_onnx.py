@@ -51,6 +51,14 @@ class _Graph:
         self.inits[name] = self.graph.initializer[-1]
         return name
 
+    def rewrite_init(self, name: str, array: np.ndarray, new_name: str) -> str:
+        """Give the one reader of initializer ``name`` the value ``array``: in place when nothing else reads
+        it (so the name the ranges JSON records stays valid), else as a new initializer ``new_name``."""
+        if name in self.inits and len(self.users(name)) == 1:
+            self.inits[name].CopyFrom(self._nh.from_array(array, name))
+            return name
+        return self.add_init(array, new_name)
+
 
 def _fold_weight_quantizers(g: _Graph) -> int:
     """QuantizeLinear(float initializer) -> int8 initializer read directly by the DequantizeLinear."""
@@ -137,15 +145,119 @@ def _requantize_resizes(g: _Graph) -> int:
     return done
 
 
+# onnxruntime's x86 integer conv kernels process output channels in blocks of 16: a conv with 255 (the
+# COCO head) runs on a slower path that takes about as long as 512 (bench.int8_layout).
+CHANNEL_BLOCK = 16
+
+
+def _attr(node: Any, name: str, default: Any = None) -> Any:
+    import onnx
+
+    found = next((a for a in node.attribute if a.name == name), None)
+    return default if found is None else onnx.helper.get_attribute_value(found)
+
+
+def _pad_rows(values: np.ndarray, extra: int, fill_like_last: bool) -> np.ndarray:
+    """``values`` with ``extra`` rows appended along axis 0: copies of the last row (scales, so they stay
+    powers of two) or zeros (weights, biases, zero points)."""
+    tail = np.repeat(values[-1:], extra, axis=0) if fill_like_last else np.zeros((extra, *values.shape[1:]), values.dtype)
+    return np.concatenate([values, tail])
+
+
+def _pad_output_channels(g: _Graph, block: int = CHANNEL_BLOCK) -> int:
+    """Conv -> QuantizeLinear -> DequantizeLinear with an output channel count that is not a multiple of
+    ``block`` (the detection head's 3 * (nc + 5)) gets zero output channels up to the next multiple and a
+    Slice after the DequantizeLinear that keeps the real ones. The added channels have zero weights and
+    bias and are dropped before anything reads them, so no value changes."""
+    import onnx
+
+    done = 0
+    for conv in [n for n in g.graph.node if n.op_type == "Conv"]:
+        w_dq, b_dq = g.producer.get(conv.input[1]), g.producer.get(conv.input[2]) if len(conv.input) > 2 else None
+        q_users = g.users(conv.output[0])
+        if not (w_dq is not None and w_dq.op_type == "DequantizeLinear" and w_dq.input[0] in g.inits
+                and len(q_users) == 1 and q_users[0].op_type == "QuantizeLinear"):
+            continue
+        dq_users = g.users(q_users[0].output[0])
+        if len(dq_users) != 1 or dq_users[0].op_type != "DequantizeLinear" or _attr(conv, "group", 1) != 1:
+            continue
+        channels = g.value(w_dq.input[0]).shape[0]
+        extra = -channels % block
+        if not extra:
+            continue
+        for node in ([w_dq, b_dq] if b_dq is not None and b_dq.op_type == "DequantizeLinear" else [w_dq]):
+            for k, fill_like_last in ((0, False), (1, True), (2, False)):
+                value = g.value(node.input[k])
+                if value.ndim == 0:  # a per-tensor scale or zero point covers the new channels too
+                    continue
+                node.input[k] = g.rewrite_init(node.input[k], _pad_rows(value, extra, fill_like_last),
+                                               f"{node.input[k]}_padded{block}")
+        dq = dq_users[0]
+        kept = dq.output[0]
+        dq.output[0] = f"{kept}_padded{block}"
+        bounds = [g.add_init(np.array([v], np.int64), f"{conv.name}_keep_channels_{tag}")
+                  for tag, v in (("starts", 0), ("ends", channels), ("axes", 1))]
+        keep = onnx.helper.make_node("Slice", [dq.output[0], *bounds], [kept], name=f"{conv.name}_keep_channels")
+        g.graph.node.insert(list(g.graph.node).index(dq) + 1, keep)
+        done += 1
+    return done
+
+
+def _space_to_depth_stem(g: _Graph) -> int:
+    """The first conv, when it reads the quantized image with an even kernel 2m, stride 2 and even pads
+    (YOLOv5's 6x6 stride-2 stem), becomes SpaceToDepth(2) on the 8-bit image followed by an m x m stride-1
+    conv over 4x the channels with the same weights rearranged: the same sums term by term. onnxruntime's
+    integer kernels are slow on 3 input channels (slower than its float conv); on 12 they are not."""
+    import onnx
+
+    image = g.graph.input[0].name if g.graph.input else None
+    quants = [n for n in g.users(image) if n.op_type == "QuantizeLinear"] if image else []
+    dqs = g.users(quants[0].output[0]) if len(quants) == 1 else []
+    convs = g.users(dqs[0].output[0]) if len(dqs) == 1 and dqs[0].op_type == "DequantizeLinear" else []
+    if len(convs) != 1 or convs[0].op_type != "Conv":
+        return 0
+    conv, dq = convs[0], dqs[0]
+    w_dq = g.producer.get(conv.input[1])
+    kernel, strides, pads = _attr(conv, "kernel_shape"), _attr(conv, "strides"), _attr(conv, "pads", [0, 0, 0, 0])
+    if not (w_dq is not None and w_dq.op_type == "DequantizeLinear" and w_dq.input[0] in g.inits
+            and kernel and len(kernel) == 2 and all(k % 2 == 0 for k in kernel) and strides == [2, 2]
+            and all(p % 2 == 0 for p in pads) and _attr(conv, "dilations", [1, 1]) == [1, 1]
+            and _attr(conv, "group", 1) == 1 and _attr(conv, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")):
+        return 0
+    w = g.value(w_dq.input[0])
+    out_c, in_c, kh, kw = w.shape
+    # input row 2*i - p + 2*b + r (r = 0, 1) is row r of block i - p/2 + b; SpaceToDepth puts (r, c, channel)
+    # at channel (2 * r + c) * in_c + channel
+    blocks = w.reshape(out_c, in_c, kh // 2, 2, kw // 2, 2).transpose(0, 3, 5, 1, 2, 4)
+    w_dq.input[0] = g.rewrite_init(w_dq.input[0], np.ascontiguousarray(blocks.reshape(out_c, 4 * in_c, kh // 2, kw // 2)),
+                                   f"{w_dq.input[0]}_space_to_depth")
+    s2d = onnx.helper.make_node("SpaceToDepth", [dq.input[0]], [f"{dq.input[0]}_space_to_depth"],
+                                name=f"{conv.name}_space_to_depth", blocksize=2)
+    g.graph.node.insert(list(g.graph.node).index(dq), s2d)
+    dq.input[0] = s2d.output[0]
+    for a in conv.attribute:
+        if a.name == "kernel_shape":
+            a.ints[:] = [kh // 2, kw // 2]
+        elif a.name == "strides":
+            a.ints[:] = [1, 1]
+        elif a.name == "pads":
+            a.ints[:] = [p // 2 for p in pads]
+    return 1
+
+
 def _drop_unused_initializers(g: _Graph) -> None:
     used = {i for n in g.graph.node for i in n.input} | {o.name for o in g.graph.output}
     for init in [i for i in g.graph.initializer if i.name not in used]:
         g.graph.initializer.remove(init)
 
 
-def finalize_qdq_onnx(model: Any) -> Any:
+def finalize_qdq_onnx(model: Any, kernel_layout: bool = True) -> Any:
     """Store quantized weights as int8 (uint8) initializers and conv biases as int32 + DequantizeLinear,
-    and keep nearest resizes of quantized tensors 8-bit (:func:`_requantize_resizes`).
+    and keep nearest resizes of quantized tensors 8-bit (:func:`_requantize_resizes`). With
+    ``kernel_layout`` also pad the head convs' output channels to a multiple of 16
+    (:func:`_pad_output_channels`) and run a 6x6 stride-2 stem as SpaceToDepth + 3x3 conv
+    (:func:`_space_to_depth_stem`): exact rewrites that onnxruntime's integer kernels run faster
+    (export.py --plain-qdq leaves them out, for toolchains without SpaceToDepth).
 
     ``model`` is an onnx ModelProto, changed in place and returned.
     """
@@ -154,8 +266,11 @@ def finalize_qdq_onnx(model: Any) -> Any:
     g = _Graph(model)
     n_b = _quantize_biases(g)
     n_r = _requantize_resizes(g)
+    n_p = _pad_output_channels(_Graph(model)) if kernel_layout else 0
+    n_s = _space_to_depth_stem(_Graph(model)) if kernel_layout else 0
     _drop_unused_initializers(g)
-    LOGGER.info("QDQ ONNX: %d weights stored as integers, %d int32 biases, %d resizes kept 8-bit", n_w, n_b, n_r)
+    LOGGER.info("QDQ ONNX: %d weights stored as integers, %d int32 biases, %d resizes kept 8-bit, %d convs padded "
+                "to %d output channels, %d space-to-depth stem", n_w, n_b, n_r, n_p, CHANNEL_BLOCK, n_s)
     return model
 
 
@@ -246,7 +361,7 @@ def activation_tensor_names(model: Any, calls: list[str], scales: dict[str, floa
 
 
 # ---------------------------------------------------------------------------------- structural checks
-_GRID_KEEPING = ("MaxPool", "Resize", "Identity", "Reshape", "Transpose", "Flatten")
+_GRID_KEEPING = ("MaxPool", "Resize", "Identity", "Reshape", "Transpose", "Flatten", "Slice", "SpaceToDepth")
 
 
 def _is_pow2(values: np.ndarray) -> bool:

@@ -216,7 +216,7 @@ def export_weights(weights: str | Path, imgsz: int | Sequence[int] = 640, batch_
                    device: str = "cpu", half: bool = False, dynamic: bool = False, simplify: bool = False,
                    opset: int = 17, include: Any = ("onnx",), raw_head: bool = False, data: str | Path | None = None,
                    check_images: Sequence[str | Path] | None = None, exporter: str = "torchscript",
-                   fixed_shape: bool = False, openvino_compat: bool = False) -> ExportResult:
+                   fixed_shape: bool = False, openvino_compat: bool = False, plain_qdq: bool = False) -> ExportResult:
     """Export a checkpoint (official or ours) to ``<weights stem>.onnx`` beside it and check it.
 
     ``check_images`` are letterboxed to imgsz for the onnxruntime-vs-PyTorch check (random inputs
@@ -229,7 +229,7 @@ def export_weights(weights: str | Path, imgsz: int | Sequence[int] = 640, batch_
     check_include(include)
     options = OnnxOptions(opset=opset, dynamic=dynamic, raw_head=raw_head, half=half, simplify=simplify,
                           exporter=exporter, fixed_shape=fixed_shape or half,  # fp16 files keep upstream's fixed shape
-                          openvino_compat=openvino_compat)
+                          openvino_compat=openvino_compat, plain_qdq=plain_qdq)
     options.validate()
     if batch_size < 1:
         raise ExportError(f"--batch-size {batch_size}: must be at least 1")

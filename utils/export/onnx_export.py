@@ -55,6 +55,7 @@ class OnnxOptions:
     fixed_shape: bool = False
     raw_head: bool = False
     openvino_compat: bool = False  # QDQ only: quant.qdq_onnx.openvino_guards
+    plain_qdq: bool = False  # QDQ only: no SpaceToDepth stem or padded head (quant.qdq_onnx.finalize_qdq_onnx)
     half: bool = False
     simplify: bool = False
     exporter: str = "torchscript"  # or 'dynamo'
@@ -256,6 +257,8 @@ def export_onnx_float(model: nn.Module, im: torch.Tensor, file: Path, options: O
     options.validate()
     if options.openvino_compat:
         LOGGER.warning("ONNX: --openvino-compat changes QDQ (QAT) exports only; a float model needs nothing")
+    if options.plain_qdq:
+        LOGGER.warning("ONNX: --plain-qdq changes QDQ (QAT) exports only; a float model is written as traced")
     import_optional("onnx", "ONNX export")  # the exporter needs it; say so before tracing
     wrapper = prepare_for_export(model, options.raw_head)
     _, outputs = io_names(_detect(model).nl, options.raw_head)
@@ -288,7 +291,8 @@ def export_onnx_qdq(prepared: nn.Module, im: torch.Tensor, file: Path, options: 
         result = export_qdq(prepared, im, file,
                             wrap=lambda m: prepare_for_export(route_image_to_head(m), options.raw_head),
                             torch_export=lambda m, x, f: _torch_export(m, x, f, options, outputs),
-                            converted=converted, openvino_compat=options.openvino_compat)
+                            converted=converted, openvino_compat=options.openvino_compat,
+                            kernel_layout=not options.plain_qdq)
     except ExportError:
         raise
     except ValueError as err:
