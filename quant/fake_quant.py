@@ -18,8 +18,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from quant.config import QuantSpec
-from quant.fq_ops import (EXP_MAX, EXP_MIN, MSE_CANDIDATES, PerTensorFakeQuantCPU, exponent_from_bound,
-                          has_half_kernel, pow2_scale, row_candidate_errors, shift_errors, threshold_fake_quant)
+from quant.fq_ops import (EXP_MAX, EXP_MIN, MSE_CANDIDATES, ChannelRangeMaskFakeQuantCPU, PerTensorFakeQuantCPU,
+                          RangeMaskFakeQuantCPU, exponent_from_bound, has_half_kernel, pow2_scale, row_candidate_errors,
+                          shift_errors, threshold_fake_quant)
 from quant.histogram import ValueHistogram
 
 LOGGER = logging.getLogger(__name__)
@@ -242,10 +243,14 @@ class Pow2FakeQuantize(nn.Module):
 
     def _fake_quant_op(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         zero = self.zero_point if self.zero_point.device == scale.device else self.zero_point.to(scale.device)
+        eager_cpu = x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
         if self.spec.per_channel:
+            if eager_cpu:
+                return ChannelRangeMaskFakeQuantCPU.apply(x, self._broadcast(scale, x), self.quant_min, self.quant_max)
             return torch.fake_quantize_per_channel_affine(x, scale, zero, self._axis(x), self.quant_min, self.quant_max)
         if x.device.type == "cpu" and x.dtype == torch.float32:
-            return PerTensorFakeQuantCPU.apply(x, scale, self.quant_min, self.quant_max)
+            fq = RangeMaskFakeQuantCPU if eager_cpu else PerTensorFakeQuantCPU
+            return fq.apply(x, scale, self.quant_min, self.quant_max)
         return torch.fake_quantize_per_tensor_affine(x, scale, zero, self.quant_min, self.quant_max)
 
     def _axis(self, x: torch.Tensor) -> int:

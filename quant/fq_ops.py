@@ -3,6 +3,9 @@ the per-tensor CPU kernel, the trained-threshold (TQT) fake quantizer whose log2
 gradient, the 'mse' rule's candidate errors, and which half-precision fake-quant kernels a device has."""
 from __future__ import annotations
 
+from functools import lru_cache
+
+import numpy as np
 import torch
 
 EXP_MIN, EXP_MAX = -48, 48  # exponent bounds: 2**-48 .. 2**48 stay normal float32 powers of two
@@ -95,7 +98,7 @@ class PerTensorFakeQuantCPU(torch.autograd.Function):
     exactly when clamping left it unchanged (NaN != NaN counts as clipped, as in the builtin mask). The
     mask is stored as float 1/0 and the backward multiplies by it, as the builtin does: on the CPU,
     reading a bool tensor (mul, where, masked_fill) is not vectorised and costs 3-10 elementwise passes
-    (notes/qat_speed.md)."""
+    (notes/qat_speed.md). torch.compile traces this one; eager runs :class:`RangeMaskFakeQuantCPU`."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
@@ -108,6 +111,65 @@ class PerTensorFakeQuantCPU(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (kept,) = ctx.saved_tensors
         return grad * kept, None, None, None
+
+
+@lru_cache(maxsize=1024)
+def kept_range(scale: float, qmin: int, qmax: int) -> tuple[float, float]:
+    """The open interval (lo, hi) of float32 inputs x whose code round(x / scale) (half to even) lies in
+    [qmin, qmax], as float32 values: a tie at qmin - 0.5 rounds into the range when qmin is even, a tie at
+    qmax + 0.5 out of it when qmax is odd (the 8-bit ranges), so the bounds step one float32 past the tie
+    where the tie is kept."""
+    lo, hi = np.float32((qmin - 0.5) * scale), np.float32((qmax + 0.5) * scale)
+    if qmin % 2 == 0:
+        lo = np.nextafter(lo, np.float32(-np.inf))
+    if qmax % 2 == 0:
+        hi = np.nextafter(hi, np.float32(np.inf))
+    return float(lo), float(hi)
+
+
+class RangeMaskFakeQuantCPU(torch.autograd.Function):
+    """The eager CPU fake-quant: :class:`PerTensorFakeQuantCPU`'s values from five in-place passes over one
+    new tensor, and no mask kept. The backward reads the straight-through mask off the saved input with
+    aten's hardtanh_backward (the gradient where lo < x < hi, :func:`kept_range`; 0 elsewhere), one
+    vectorised pass. The input is mostly saved already (by the ReLU before it), so the mask's memory goes
+    too; forward plus backward is about a third faster (notes/qat_speed.md).
+
+    Equal to the builtin's gradient wherever the gradient is finite (a NaN input gets 0, as there); where
+    the builtin multiplies a non-finite gradient by a zero mask this gives 0, not NaN. The bounds are read
+    on the host, so torch.compile traces :class:`PerTensorFakeQuantCPU` instead."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+        ctx.kept = kept_range(float(scale), qmin, qmax)
+        ctx.save_for_backward(x)
+        return torch.mul(x, scale.reciprocal()).round_().clamp_(qmin, qmax).nan_to_num_(nan=qmin).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return torch.ops.aten.hardtanh_backward(grad, x, *ctx.kept), None, None, None
+
+
+class ChannelRangeMaskFakeQuantCPU(torch.autograd.Function):
+    """Per-channel twin of :class:`RangeMaskFakeQuantCPU` for the weights: ``scale`` broadcasts over x (a
+    power of two per channel). x is divided by its channel's scale first (exact), so one pair of unit-scale
+    bounds serves every channel and the saved quotient gives the mask. The builtin per-channel CPU kernel
+    quantizes one element at a time: about 8 ms of a yolov5n training step, whatever the image size.
+
+    The builtin's values and gradient (finite gradients), NaN included; +inf maps to qmax here, where the
+    builtin's integer cast sends it to qmin."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+        units = torch.mul(x, scale.reciprocal())
+        ctx.kept = kept_range(1.0, qmin, qmax)
+        ctx.save_for_backward(units)
+        return torch.round(units).clamp_(qmin, qmax).nan_to_num_(nan=qmin).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (units,) = ctx.saved_tensors
+        return torch.ops.aten.hardtanh_backward(grad, units, *ctx.kept), None, None, None
 
 
 def _round_ste(t: torch.Tensor) -> torch.Tensor:

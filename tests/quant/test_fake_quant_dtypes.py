@@ -3,6 +3,7 @@ ranges equal the float32 route exactly; a build without the kernel is found out 
 prepared or moved, and then goes through float32 (never by catching a failure inside forward)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,19 +86,112 @@ def test_preparing_a_model_probes_its_device():
     assert "cpu" in fq_ops._HALF_KERNELS
 
 
-@pytest.mark.parametrize("qmin,qmax,k", [(-128, 127, -5), (0, 255, -6), (-8, 7, -1)])
-def test_cpu_per_tensor_kernel_equals_the_builtin(qmin, qmax, k):
+def _builtin_and(kernel, qmin: int, qmax: int, k: int):
+    """(generator, builtin leaf, kernel leaf, builtin output, kernel output) on one input with NaN,
+    infinities and exact .5 ties (3.984375 / 2^-5 = 127.5 rounds to even, out of range), scale 2^k."""
     gen = torch.Generator().manual_seed(k)
     x = torch.randn(4, 8, 17, 19, generator=gen) * 5
-    # NaN, infinities and exact .5 ties (3.984375 / 2^-5 = 127.5 rounds to even, out of range)
     x[0, 0, 0, :5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.984375, -0.5 * 2.0 ** k])
     scale = torch.tensor([2.0 ** k])
     a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     builtin = torch.fake_quantize_per_tensor_affine(a, scale, torch.zeros(1, dtype=torch.int32), qmin, qmax)
-    ours = PerTensorFakeQuantCPU.apply(b, scale, qmin, qmax)
+    return gen, a, b, builtin, kernel.apply(b, scale, qmin, qmax)
+
+
+@pytest.mark.parametrize("qmin,qmax,k", [(-128, 127, -5), (0, 255, -6), (-8, 7, -1)])
+def test_cpu_per_tensor_kernel_equals_the_builtin(qmin, qmax, k):
+    gen, a, b, builtin, ours = _builtin_and(PerTensorFakeQuantCPU, qmin, qmax, k)
     assert torch.equal(builtin, ours)
-    g = torch.randn(x.shape, generator=gen)
+    g = torch.randn(a.shape, generator=gen)
     g[0, 0, 0, :3] = torch.tensor([float("inf"), float("nan"), -float("inf")])  # on clipped values: 0 * inf
     builtin.backward(g)
     ours.backward(g)
     torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, equal_nan=True)  # the builtin's dY * mask
+
+
+@pytest.mark.parametrize("qmin,qmax", [(0, 255), (-128, 127), (-8, 7), (0, 15), (-1, 0), (-2, 1)])
+@pytest.mark.parametrize("k", [-12, -5, 0, 3])
+def test_kept_range_is_the_builtin_mask_at_every_tie(qmin, qmax, k):
+    """hardtanh_backward with kept_range's open bounds keeps exactly the values the builtin's mask keeps:
+    the float32 values at, just below and just above each half-step tie and integer step at both ends of
+    the range, both infinities, and random values."""
+    s = 2.0 ** k
+    edges = []
+    for q in (qmin, qmax):
+        for d in (-1.0, -0.5, 0.0, 0.5, 1.0):
+            v = np.float32((q + d) * s)
+            edges += [v, np.nextafter(v, np.float32(-np.inf)), np.nextafter(v, np.float32(np.inf))]
+    gen = torch.Generator().manual_seed(k - qmin)
+    x = torch.cat([torch.from_numpy(np.array(edges, np.float32)), torch.randn(500, generator=gen) * s * (qmax - qmin),
+                   torch.tensor([float("inf"), -float("inf")])])
+    leaf = x.clone().requires_grad_(True)
+    torch.fake_quantize_per_tensor_affine(leaf, torch.tensor([s]), torch.zeros(1, dtype=torch.int32), qmin,
+                                          qmax).sum().backward()
+    ours = torch.ops.aten.hardtanh_backward(torch.ones_like(x), x, *fq_ops.kept_range(s, qmin, qmax))
+    assert torch.equal(leaf.grad, ours)
+
+
+@pytest.mark.parametrize("qmin,qmax,k", [(-128, 127, -5), (0, 255, -6), (-8, 7, -1)])
+def test_eager_cpu_kernel_equals_the_builtin_but_for_non_finite_gradients(qmin, qmax, k):
+    """RangeMaskFakeQuantCPU (what eager training runs on the CPU): the builtin's values, NaN and ties
+    included, and its gradient wherever the gradient is finite, NaN inputs included (0). The one
+    difference, as documented: a non-finite gradient on a clipped value gives 0 (the builtin 0 * inf = NaN)."""
+    gen, a, b, builtin, ours = _builtin_and(fq_ops.RangeMaskFakeQuantCPU, qmin, qmax, k)
+    assert torch.equal(builtin, ours)
+    g = torch.randn(a.shape, generator=gen)
+    g[0, 0, 0, 1:3] = torch.tensor([float("inf"), float("nan")])  # on the clipped infinities
+    builtin.backward(g)
+    ours.backward(g)
+    assert torch.equal(a.grad.flatten()[3:], b.grad.flatten()[3:])
+    assert a.grad[0, 0, 0, 0] == b.grad[0, 0, 0, 0] == 0  # the NaN input
+    assert a.grad[0, 0, 0, 1:3].isnan().all() and (b.grad[0, 0, 0, 1:3] == 0).all()
+
+
+def test_quantizer_runs_the_eager_kernel_and_the_traceable_one_under_compile(monkeypatch):
+    """Pow2FakeQuantize on a float32 CPU tensor: RangeMaskFakeQuantCPU in eager mode; while torch.compile
+    traces, PerTensorFakeQuantCPU (RangeMask reads its bounds on the host)."""
+    from quant.config import QuantSpec
+    from quant.fake_quant import Pow2FakeQuantize
+
+    fq = Pow2FakeQuantize(QuantSpec(bits=8), signed=False)
+    fq.train()
+    x = torch.rand(2, 3, 8, 8, requires_grad=True)
+    y = fq(x)
+    assert type(y.grad_fn).__name__ == "RangeMaskFakeQuantCPUBackward"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    z = fq(x)
+    assert type(z.grad_fn).__name__ == "PerTensorFakeQuantCPUBackward" and torch.equal(y, z)
+
+
+@pytest.mark.parametrize("qmin,qmax", [(-128, 127), (-8, 7), (0, 255)])
+def test_eager_cpu_channel_kernel_equals_the_builtin(qmin, qmax):
+    """ChannelRangeMaskFakeQuantCPU (eager CPU weights): the builtin per-channel kernel's values and
+    gradient on a conv weight with a power-of-2 scale per output channel, exact ties, NaN and -inf
+    included; +inf is the one documented difference (qmax here, the builtin's integer cast gives qmin)."""
+    gen = torch.Generator().manual_seed(qmax)
+    w = torch.randn(6, 4, 3, 3, generator=gen)
+    exps = torch.tensor([-7.0, -5.0, -9.0, 0.0, -3.0, -40.0])
+    scale = torch.pow(2.0, exps)
+    w[0, 0, 0, :3] = torch.tensor([float("nan"), -float("inf"), (qmax + 0.5) * 2.0 ** -7])
+    w[1, 0, 0, :2] = torch.tensor([(qmin - 0.5) * 2.0 ** -5, (qmax - 0.5) * 2.0 ** -5])
+    w[5] = 0.0  # an all-zero channel, tiny scale
+    a, b = w.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    builtin = torch.fake_quantize_per_channel_affine(a, scale, torch.zeros(6, dtype=torch.int32), 0, qmin, qmax)
+    ours = fq_ops.ChannelRangeMaskFakeQuantCPU.apply(b, scale.reshape(-1, 1, 1, 1), qmin, qmax)
+    assert torch.equal(builtin, ours)
+    g = torch.randn(w.shape, generator=gen)
+    builtin.backward(g)
+    ours.backward(g)
+    assert torch.equal(a.grad, b.grad) and (b.grad[0, 0, 0, :3] == 0).all()
+    plus_inf = fq_ops.ChannelRangeMaskFakeQuantCPU.apply(torch.full((1, 2), float("inf")), torch.ones(1, 1), qmin, qmax)
+    assert (plus_inf == qmax).all()
+
+
+def test_per_channel_quantizer_runs_the_eager_channel_kernel():
+    fq = Pow2FakeQuantize(QuantSpec(bits=8, per_channel=True, observer="current"), signed=True, num_channels=4)
+    fq.train()
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    y = fq(w)
+    assert type(y.grad_fn).__name__ == "ChannelRangeMaskFakeQuantCPUBackward"
+    ref = torch.fake_quantize_per_channel_affine(w.detach(), fq.scale(), torch.zeros(4, dtype=torch.int32), 0, -128, 127)
+    assert torch.equal(y.detach(), ref)

@@ -35,6 +35,25 @@ class HostReads:
         return wrapper
 
 
+class _BuiltinPerChannel:
+    @staticmethod
+    def apply(x, scale, qmin, qmax):
+        return torch.fake_quantize_per_channel_affine(x, scale.reshape(-1), torch.zeros(scale.numel(), dtype=torch.int32),
+                                                      0, qmin, qmax)
+
+
+@pytest.fixture
+def device_kernels(monkeypatch):
+    """The fake-quant kernels a GPU runs (the builtin per-channel one; per tensor, the traceable
+    PerTensorFakeQuantCPU, which reads nothing either). The eager CPU kernels read their scale on the host:
+    a CPU tensor, so no stall, and never used for device tensors."""
+    import quant.fake_quant as fake_quant
+    from quant.fq_ops import PerTensorFakeQuantCPU
+
+    monkeypatch.setattr(fake_quant, "RangeMaskFakeQuantCPU", PerTensorFakeQuantCPU)
+    monkeypatch.setattr(fake_quant, "ChannelRangeMaskFakeQuantCPU", _BuiltinPerChannel)
+
+
 def _prepared(rounding: str = "ceil", observer: str = "ema_minmax"):
     from quant.prepare import prepare
 
@@ -52,7 +71,7 @@ def _train_step(model, opt, x):
 
 
 @pytest.mark.parametrize("rounding,observer", [("ceil", "ema_minmax"), ("mse", "minmax"), ("round", "current")])
-def test_training_steps_read_nothing_back(monkeypatch, rounding, observer):
+def test_training_steps_read_nothing_back(monkeypatch, device_kernels, rounding, observer):
     model = _prepared(rounding, observer)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x = torch.rand(2, 3, 16, 16)
