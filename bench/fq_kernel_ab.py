@@ -1,7 +1,8 @@
 """The eager CPU fake-quant kernels side by side in one process: the builtin per-channel kernel and the
 float-mask per-tensor one (quant.fq_ops.PerTensorFakeQuantCPU, which torch.compile traces) against the
 range-mask kernels eager training runs (ChannelRangeMaskFakeQuantCPU, RangeMaskFakeQuantCPU), in every
-QAT phase, with the float step as the yardstick.
+QAT phase, with the float step as the yardstick; in the phases that run quant.frozen_view each kernel set
+runs with the fused convs' ReLU left in the conv, and the default also with it folded into the quantizer.
 
 Usage:
     python -m bench.fq_kernel_ab --rounds 6
@@ -27,6 +28,10 @@ from bench.qat_speed import _train_variants, interleave  # noqa: E402
 
 
 
+DEFAULT = "range-mask both"
+VIEW_PHASES = ("qat_frozen_observers", "qat_frozen")  # run quant.frozen_view, where a ReLU can fold
+
+
 class _BuiltinPerChannel:
     """The builtin per-channel kernel behind ChannelRangeMaskFakeQuantCPU's call signature (the weights'
     channels are on axis 0)."""
@@ -43,7 +48,7 @@ def kernel_sets() -> dict[str, tuple]:
 
     return {"builtin per-channel, float-mask per-tensor (before)": (_BuiltinPerChannel, PerTensorFakeQuantCPU),
             "builtin per-channel, range-mask per-tensor": (_BuiltinPerChannel, RangeMaskFakeQuantCPU),
-            "range-mask both (eager default)": (ChannelRangeMaskFakeQuantCPU, RangeMaskFakeQuantCPU)}
+            DEFAULT: (ChannelRangeMaskFakeQuantCPU, RangeMaskFakeQuantCPU)}
 
 
 def _using(kernels: tuple):
@@ -55,6 +60,24 @@ def _using(kernels: tuple):
     return use
 
 
+def _with(variant, kernels: tuple, label: str):
+    """``variant`` (a fresh copy) running ``kernels``."""
+    setup = (lambda phase, use: lambda: (phase(), use()))(variant.setup, _using(kernels))
+    return replace(variant, name=label, label=label, setup=setup, times=[])
+
+
+def _unfolded(opt: dict) -> list:
+    """bench.qat_speed's eager variants on a model whose frozen view leaves each fused conv's ReLU in the conv."""
+    import quant.frozen_view as fv
+
+    fold = fv._fold_relus
+    fv._fold_relus = lambda graph, pairs: None
+    try:
+        return _train_variants(opt, torch.device("cpu"))[0]
+    finally:
+        fv._fold_relus = fold
+
+
 def run(rounds: int = 6, steps: int = 2, imgsz: int = 320, batch_size: int = 8, seed: int = 0) -> dict[str, float]:
     from bench.train_speed import DEFAULT_HYP
     from utils.torch_utils import keep_freed_memory
@@ -62,21 +85,24 @@ def run(rounds: int = 6, steps: int = 2, imgsz: int = 320, batch_size: int = 8, 
     keep_freed_memory(torch.device("cpu"))
     opt = dict(cfg="yolov5n.yaml", act="relu", imgsz=imgsz, batch_size=batch_size, warmup=3, compile=False,
                hyp=DEFAULT_HYP, qat_config=None, seed=seed)
-    eager, _ = _train_variants(opt, torch.device("cpu"))
+    folded, _ = _train_variants(opt, torch.device("cpu"))
+    unfolded = _unfolded(opt)
     sets = kernel_sets()
-    variants = [eager[0]]
-    for v in eager[1:]:
-        for name, kernels in sets.items():
-            setup = (lambda phase, use: lambda: (phase(), use()))(v.setup, _using(kernels))
-            variants.append(replace(v, name=f"{v.name}, {name}", label=f"{v.label}; {name}", setup=setup, times=[]))
+    variants = [folded[0]]
+    for v, u in zip(folded[1:], unfolded[1:]):
+        view = v.name in VIEW_PHASES
+        variants += [_with(u, kernels, f"{u.label}; {name}" + ("; ReLU in the conv" if view else ""))
+                     for name, kernels in sets.items()]
+        if view:
+            variants.append(_with(v, sets[DEFAULT], f"{v.label}; {DEFAULT}; ReLU folded into the quantizer (default)"))
     try:
         interleave(variants, rounds, steps)
     finally:
-        _using(sets["range-mask both (eager default)"])()
+        _using(sets[DEFAULT])()
     base = variants[0].median_ms
-    print(f"{'training step; kernels':100s} {'ms':>8s} {'x float':>8s}")
+    print(f"{'training step; kernels':120s} {'ms':>8s} {'x float':>8s}")
     for v in variants:
-        print(f"{v.label:100s} {v.median_ms:8.1f} {v.median_ms / base:8.2f}")
+        print(f"{v.label:120s} {v.median_ms:8.1f} {v.median_ms / base:8.2f}")
     return {v.name: v.median_ms for v in variants}
 
 

@@ -19,8 +19,8 @@ import torch.nn as nn
 
 from quant.config import QuantSpec
 from quant.fq_ops import (EXP_MAX, EXP_MIN, MSE_CANDIDATES, ChannelRangeMaskFakeQuantCPU, PerTensorFakeQuantCPU,
-                          RangeMaskFakeQuantCPU, exponent_from_bound, has_half_kernel, pow2_scale, row_candidate_errors,
-                          shift_errors, threshold_fake_quant)
+                          RangeMaskFakeQuantCPU, ReluRangeMaskFakeQuantCPU, exponent_from_bound, has_half_kernel,
+                          pow2_scale, row_candidate_errors, shift_errors, threshold_fake_quant)
 from quant.histogram import ValueHistogram
 
 LOGGER = logging.getLogger(__name__)
@@ -101,6 +101,17 @@ class Pow2FakeQuantize(nn.Module):
         if self.log2_threshold is not None and self.training and torch.is_grad_enabled():
             return self._threshold_fake_quant(x)
         return self._fake_quant(x)
+
+    def fake_quant_after_relu(self, x: torch.Tensor) -> torch.Tensor:
+        """``self(relu(x))`` (quant.frozen_view calls it for a fused conv's ReLU and the quantizer after it).
+        With the observer not running, for an active unsigned per-tensor quantizer on the eager CPU path,
+        it is one kernel: ReluRangeMaskFakeQuantCPU, the same values and gradient without the ReLU's passes."""
+        fused = (self.quant_min == 0 and not self.spec.per_channel and self.is_active() and self.log2_threshold is None
+                 and not (self._observing and (self.training or self.calibrating))
+                 and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling())
+        if not fused:
+            return self(torch.relu(x))
+        return ReluRangeMaskFakeQuantCPU.apply(x, self.scale(), self.quant_min, self.quant_max)
 
     def quantize_now(self, x: torch.Tensor) -> torch.Tensor:
         """x fake-quantized with the current scale whatever the enable flag says (x itself before the

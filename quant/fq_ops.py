@@ -140,14 +140,32 @@ class RangeMaskFakeQuantCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-        ctx.kept = kept_range(float(scale), qmin, qmax)
-        ctx.save_for_backward(x)
-        return torch.mul(x, scale.reciprocal()).round_().clamp_(qmin, qmax).nan_to_num_(nan=qmin).mul_(scale)
+        return _range_mask_forward(ctx, x, scale, qmin, qmax, kept_range(float(scale), qmin, qmax))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (x,) = ctx.saved_tensors
         return torch.ops.aten.hardtanh_backward(grad, x, *ctx.kept), None, None, None
+
+
+def _range_mask_forward(ctx, x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int,
+                        kept: tuple[float, float]) -> torch.Tensor:
+    ctx.kept = kept
+    ctx.save_for_backward(x)
+    return torch.mul(x, scale.reciprocal()).round_().clamp_(qmin, qmax).nan_to_num_(nan=qmin).mul_(scale)
+
+
+class ReluRangeMaskFakeQuantCPU(RangeMaskFakeQuantCPU):
+    """``RangeMaskFakeQuantCPU(relu(x))`` for an unsigned range (qmin 0) in one kernel: the clamp at 0 is the
+    ReLU, and the mask keeps 0 < x < hi, the ReLU's mask and the quantizer's together. Same values (a
+    negative input gives -0.0 where the ReLU gives 0.0) and the same gradient as the two in sequence,
+    without the ReLU's own pass forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+        if qmin != 0:
+            raise ValueError(f"a ReLU folds into an unsigned quantizer only (qmin 0, got {qmin})")
+        return _range_mask_forward(ctx, x, scale, qmin, qmax, (0.0, kept_range(float(scale), qmin, qmax)[1]))
 
 
 class ChannelRangeMaskFakeQuantCPU(torch.autograd.Function):

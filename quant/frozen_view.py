@@ -8,6 +8,11 @@ once the observer is frozen it maps every value to itself (each is ``k * scale``
 integer range) and its straight-through gradient mask is all ones, so skipping it changes no bit of
 the forward or the backward.  It is about a fifth of the activation values a YOLOv5 step quantizes.
 
+A fused conv ending in ReLU whose output only feeds an unsigned per-tensor quantizer runs without its
+ReLU, and the quantizer applies it (:meth:`Pow2FakeQuantize.fake_quant_after_relu`: its clamp at 0 is the
+ReLU and one mask serves both): the same values and gradients, without the ReLU's pass forward and
+backward. With the observer running that call is ``quantizer(relu(x))``, so it is right in any phase.
+
 :func:`frozen_view` returns a module that shares every submodule (parameters, buffers, quantizers)
 with the prepared model and runs the graph without those calls. Exporting, the integer reference,
 checkpoints and EMA keep using the prepared model, whose graph is unchanged.
@@ -21,13 +26,15 @@ from __future__ import annotations
 
 import copy
 
+import torch
 import torch.fx as fx
 from torch import nn
 
 from quant.fake_quant import Pow2FakeQuantize
+from quant.fused import QATConvBnAct
 from quant.graph import concat_inputs, is_concat, resolve_producer
 
-__all__ = ["frozen_view", "redundant_requantizations"]
+__all__ = ["frozen_view", "redundant_requantizations", "relu_quantizer_pairs"]
 
 
 def _quantizer_target(gm: nn.Module, node: fx.Node) -> str:
@@ -59,16 +66,56 @@ def redundant_requantizations(gm: fx.GraphModule) -> list[fx.Node]:
     return found
 
 
+def relu_quantizer_pairs(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
+    """(fused conv call, quantizer call) where a QATConvBnAct ending in ReLU feeds only an unsigned
+    per-tensor quantizer: the ReLU can move into the quantizer's kernel."""
+    pairs = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or len(node.users) != 1:
+            continue
+        fused, user = gm.get_submodule(str(node.target)), next(iter(node.users))
+        target = _quantizer_target(gm, user)
+        if not (isinstance(fused, QATConvBnAct) and type(fused.act) is nn.ReLU and target and user.args == (node,)
+                and not user.kwargs):
+            continue
+        quantizer = gm.get_submodule(target)
+        if not quantizer.signed and not quantizer.spec.per_channel:
+            pairs.append((node, user))
+    return pairs
+
+
+def _pre_activation(fused: QATConvBnAct, x: torch.Tensor) -> torch.Tensor:
+    return fused.pre_activation(x)
+
+
+def _fake_quant_after_relu(quantizer: Pow2FakeQuantize, x: torch.Tensor) -> torch.Tensor:
+    return quantizer.fake_quant_after_relu(x)
+
+
+def _fold_relus(graph: fx.Graph, pairs: list[tuple[fx.Node, fx.Node]]) -> None:
+    """Call each pair's conv without its ReLU and its quantizer with the ReLU folded in (same modules,
+    reached through get_attr so the view's module tree and parameter names stay the prepared model's)."""
+    for conv, quant in pairs:
+        with graph.inserting_before(conv):
+            pre = graph.call_function(_pre_activation, (graph.get_attr(str(conv.target)), *conv.args), dict(conv.kwargs))
+        with graph.inserting_before(quant):
+            folded = graph.call_function(_fake_quant_after_relu, (graph.get_attr(str(quant.target)), pre))
+        quant.replace_all_uses_with(folded)
+        graph.erase_node(quant)
+        graph.erase_node(conv)
+
+
 def frozen_view(prepared: fx.GraphModule) -> fx.GraphModule:
     """A module running ``prepared``'s graph without :func:`redundant_requantizations`, sharing every
     submodule with it (so training it trains ``prepared``). Equal to ``prepared`` forward and backward
     while no observer runs; with observers on it would leave the joined tensors out of their statistics."""
     graph = copy.deepcopy(prepared.graph)
-    skip = set(redundant_requantizations(prepared))
-    copies = [copied for original, copied in zip(prepared.graph.nodes, graph.nodes) if original in skip]
-    for node in copies:
+    copy_of = dict(zip(prepared.graph.nodes, graph.nodes))
+    pairs = [(copy_of[conv], copy_of[quant]) for conv, quant in relu_quantizer_pairs(prepared)]
+    for node in [copy_of[n] for n in redundant_requantizations(prepared)]:
         node.replace_all_uses_with(node.args[0])
         graph.erase_node(node)
+    _fold_relus(graph, pairs)
     graph.lint()
     view = fx.GraphModule(prepared, graph, class_name=f"{type(prepared).__name__}FrozenView")
     view.train(prepared.training)

@@ -143,12 +143,15 @@ class QATConvBnAct(_LinksInput, nn.Module):
         return torch.where(sf == 0, torch.full_like(sf, _TINY_SCALE), sf)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.pre_activation(x))
+
+    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """The output before the ReLU/ReLU6 (quant.frozen_view fuses a ReLU into the quantizer after it)."""
         conv, bn = self.conv, self.bn
         if bn is None:
             bias = conv.bias if conv.bias is not None else None
-            y = conv._conv_forward(x, self.weight_fake_quant(conv.weight),
-                                   quantize_bias(bias, self._input_quant, self.weight_fake_quant))
-            return self.act(y)
+            return conv._conv_forward(x, self.weight_fake_quant(conv.weight),
+                                      quantize_bias(bias, self._input_quant, self.weight_fake_quant))
         sf = self._bn_scale()
         w_q = self.weight_fake_quant(conv.weight * sf.reshape(-1, 1, 1, 1))
         if not self.training or self.bn_frozen:
@@ -157,9 +160,9 @@ class QATConvBnAct(_LinksInput, nn.Module):
             # quantization boundaries. Gradients still reach gamma and beta through w_q and b_fold.
             bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
             b_fold = quantize_bias((bias - bn.running_mean) * sf + bn.bias, self._input_quant, self.weight_fake_quant)
-            return self.act(conv._conv_forward(x, w_q, b_fold))
+            return conv._conv_forward(x, w_q, b_fold)
         y = conv._conv_forward(x, w_q / sf.reshape(-1, 1, 1, 1), conv.bias)
-        return self.act(bn(y))  # batch statistics; the running statistics keep updating
+        return bn(y)  # batch statistics; the running statistics keep updating
 
     @torch.no_grad()
     def folded_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -195,3 +195,22 @@ def test_per_channel_quantizer_runs_the_eager_channel_kernel():
     assert type(y.grad_fn).__name__ == "ChannelRangeMaskFakeQuantCPUBackward"
     ref = torch.fake_quantize_per_channel_affine(w.detach(), fq.scale(), torch.zeros(4, dtype=torch.int32), 0, -128, 127)
     assert torch.equal(y.detach(), ref)
+
+
+def test_relu_folded_kernel_equals_relu_then_quantizer():
+    """ReluRangeMaskFakeQuantCPU(x) against RangeMaskFakeQuantCPU(relu(x)): the same values (up to the sign
+    of zero) and the same gradient, at the ReLU's edge (0, tiny values either side) and at the top tie."""
+    s = 2.0 ** -4
+    x = torch.randn(2, 5, 9, 9, generator=torch.Generator().manual_seed(1)) * 8
+    x.view(-1)[:7] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 0.5 * s, 255.5 * s, float("nan")])
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    scale = torch.tensor([s])
+    two_steps = fq_ops.RangeMaskFakeQuantCPU.apply(torch.relu(a), scale, 0, 255)
+    folded = fq_ops.ReluRangeMaskFakeQuantCPU.apply(b, scale, 0, 255)
+    assert torch.equal(two_steps, folded)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    two_steps.backward(g)
+    folded.backward(g)
+    assert torch.equal(a.grad, b.grad)
+    with pytest.raises(ValueError, match="unsigned"):
+        fq_ops.ReluRangeMaskFakeQuantCPU.apply(b, scale, -128, 127)

@@ -10,7 +10,7 @@ import torch
 from models.yolo import DetectionModel
 from quant.config import QuantConfig
 from quant.fake_quant import Pow2FakeQuantize
-from quant.frozen_view import frozen_view, redundant_requantizations
+from quant.frozen_view import frozen_view, redundant_requantizations, relu_quantizer_pairs
 from quant.prepare import prepare
 from quant.schedule import set_bn_frozen, set_observers
 from tests.tiny_nets import AddConcatNet
@@ -57,9 +57,12 @@ def test_tiny_net_drops_the_concat_requantization_only(pool):
     prepared = _observed(AddConcatNet(pool=pool))
     dropped = redundant_requantizations(prepared)
     assert len(dropped) == 1 and dropped[0].args[0].target is torch.cat  # inputs through the max-pool too
+    pairs = relu_quantizer_pairs(prepared)
+    assert len(pairs) == 3  # each ReLU conv feeds its own uint8 quantizer
     view = frozen_view(prepared)
     assert sum(n.op == "call_module" for n in view.graph.nodes) == \
-        sum(n.op == "call_module" for n in prepared.graph.nodes) - 1
+        sum(n.op == "call_module" for n in prepared.graph.nodes) - 1 - 2 * len(pairs)
+    assert sum(n.op == "call_function" and n.target.__name__ == "_fake_quant_after_relu" for n in view.graph.nodes) == 3
     assert dict(view.named_parameters()).keys() == dict(prepared.named_parameters()).keys()
     assert all(a is b for a, b in zip(view.parameters(), prepared.parameters()))  # shared, not copied
     x = X * 3 - 1
@@ -74,6 +77,7 @@ def test_yolo_view_is_bit_identical_bn_live_and_frozen():
     dropped = redundant_requantizations(prepared)
     concats = sum(1 for n in prepared.graph.nodes if n.op == "call_function" and n.target is torch.cat)
     assert len(dropped) == concats == 13  # every C3, the SPPF and the four head-side concats
+    assert len(relu_quantizer_pairs(prepared)) == 57  # every fused conv's ReLU moves into its quantizer
     view = frozen_view(prepared)
     _assert_identical(prepared, view, X)
     set_bn_frozen(prepared, True)
