@@ -42,8 +42,20 @@ class TrainingForward:
         if compiled is None:
             if not self._compiled:
                 LOGGER.info(colorstr("compile: ") + "torch.compile on the training forward; the first steps compile")
+                if _cpu_qat(module):
+                    LOGGER.warning(colorstr("compile: ") + "QAT on the CPU runs slower compiled than eager in most phases "
+                                   "(README, 'What QAT costs per training step'); drop --compile for speed")
             compiled = self._compiled[id(module)] = torch.compile(module)
         return compiled
+
+
+def _cpu_qat(module: nn.Module) -> bool:
+    """True for a model with fake quantizers whose parameters are on the CPU."""
+    from quant.fake_quant import Pow2FakeQuantize
+
+    param = next(module.parameters(), None)
+    return param is not None and param.device.type == "cpu" and any(
+        isinstance(m, Pow2FakeQuantize) for m in module.modules())
 
 
 def wrap_ddp(model: nn.Module, dist, cuda: bool) -> nn.Module:
