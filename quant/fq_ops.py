@@ -1,5 +1,6 @@
 """The arithmetic behind Pow2FakeQuantize, as plain functions of tensors: power-of-2 scales and exponents,
-the per-tensor CPU kernel, the trained-threshold (TQT) fake quantizer whose log2 threshold receives a
+the CPU kernels (a float-mask per-tensor one that torch.compile traces; range-mask per-tensor, per-channel and
+ReLU-folded ones for eager training), the trained-threshold (TQT) fake quantizer whose log2 threshold receives a
 gradient, the 'mse' rule's candidate errors, and which half-precision fake-quant kernels a device has."""
 from __future__ import annotations
 

@@ -145,8 +145,8 @@ def _requantize_resizes(g: _Graph) -> int:
     return done
 
 
-# onnxruntime's x86 integer conv kernels process output channels in blocks of 16: a conv with 255 (the
-# COCO head) runs on a slower path that takes about as long as 512 (bench.int8_layout).
+# onnxruntime's x86 integer convs are fast when the output channels are a multiple of 16: 64 -> 255 channels
+# (the COCO head) at 80x80 took 1.40 ms against 0.79 ms for 64 -> 256 (notes/qat_speed.md, fifth round).
 CHANNEL_BLOCK = 16
 
 
