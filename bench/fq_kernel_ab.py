@@ -78,12 +78,13 @@ def _unfolded(opt: dict) -> list:
         fv._fold_relus = fold
 
 
-def run(rounds: int = 6, steps: int = 2, imgsz: int = 320, batch_size: int = 8, seed: int = 0) -> dict[str, float]:
+def run(rounds: int = 6, steps: int = 2, imgsz: int = 320, batch_size: int = 8, seed: int = 0,
+        cfg: str = "yolov5n.yaml") -> dict[str, float]:
     from bench.train_speed import DEFAULT_HYP
     from utils.torch_utils import keep_freed_memory
 
     keep_freed_memory(torch.device("cpu"))
-    opt = dict(cfg="yolov5n.yaml", act="relu", imgsz=imgsz, batch_size=batch_size, warmup=3, compile=False,
+    opt = dict(cfg=cfg, act="relu", imgsz=imgsz, batch_size=batch_size, warmup=3, compile=False,
                hyp=DEFAULT_HYP, qat_config=None, seed=seed)
     folded, _ = _train_variants(opt, torch.device("cpu"))
     unfolded = _unfolded(opt)

@@ -81,3 +81,17 @@ def test_qat_profile_tables_and_fault_counts():
     assert set(tables) == {"float", "qat_frozen"} and all("Self CPU" in t for t in tables.values())
     counts = profile(phase=("qat_observe",), cfg="yolov5p.yaml", imgsz=64, batch_size=1, steps=1, faults=True)
     assert "minor page faults/step" in counts["qat_observe"]
+
+
+def test_fq_kernel_ab_times_every_kernel_set_and_restores_the_default():
+    """bench.fq_kernel_ab on a tiny model: a row per QAT phase and kernel set, the ReLU-fold row for the two
+    frozen-view phases, and Pow2FakeQuantize's kernels back to the defaults afterwards."""
+    import quant.fake_quant as fake_quant
+    import quant.fq_ops as fq_ops
+    from bench.fq_kernel_ab import kernel_sets, run
+
+    rows = run(rounds=1, steps=1, imgsz=64, batch_size=2, cfg="yolov5p.yaml")
+    assert len(rows) == 1 + 4 * len(kernel_sets()) + 2 and all(ms > 0 for ms in rows.values())
+    assert sum("ReLU folded" in name for name in rows) == 2
+    assert fake_quant.RangeMaskFakeQuantCPU is fq_ops.RangeMaskFakeQuantCPU
+    assert fake_quant.ChannelRangeMaskFakeQuantCPU is fq_ops.ChannelRangeMaskFakeQuantCPU
