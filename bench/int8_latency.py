@@ -33,9 +33,10 @@ def _calibration_batch(imgsz: int, n: int):
 
 
 def build_pair(weights: Path, imgsz: int, folder: Path, act: str = "relu", calib: int = 8,
-               plain_qdq: bool = False) -> tuple[Path, Path]:
+               plain_qdq: bool = False, raw_head: bool = False) -> tuple[Path, Path]:
     """(fp32 .onnx, int8 QDQ .onnx) of ``weights`` rebuilt with ``act``, exported at ``imgsz`` (the QDQ file
-    without the kernel-layout rewrites with ``plain_qdq``, as export.py --plain-qdq)."""
+    without the kernel-layout rewrites with ``plain_qdq``, as export.py --plain-qdq; both with the raw head
+    maps as outputs with ``raw_head``, as export.py --raw-head)."""
     from quant.calibrate import calibrate
     from utils.checkpoint import make_checkpoint, save_checkpoint
     from utils.export.job import export_weights
@@ -48,8 +49,8 @@ def build_pair(weights: Path, imgsz: int, folder: Path, act: str = "relu", calib
     prepared = prepare_qat_model(model, imgsz)
     calibrate(prepared, [_calibration_batch(imgsz, calib)], calib)
     save_checkpoint(make_checkpoint(prepared, quant=qat_checkpoint_entry(prepared)), int8_pt)
-    fp32 = export_weights(fp32_pt, imgsz=imgsz, check_images=[]).file
-    int8 = export_weights(int8_pt, imgsz=imgsz, check_images=[], plain_qdq=plain_qdq).file
+    fp32 = export_weights(fp32_pt, imgsz=imgsz, check_images=[], raw_head=raw_head).file
+    int8 = export_weights(int8_pt, imgsz=imgsz, check_images=[], plain_qdq=plain_qdq, raw_head=raw_head).file
     return fp32, int8
 
 

@@ -4,6 +4,7 @@ both (what export.py writes by default), timed side by side with the FP32 file, 
 
 Usage:
     python -m bench.int8_layout --imgsz 320 640 --threads 2 --rounds 40
+    python -m bench.int8_layout --raw-head          # both files with the raw head maps as outputs
 """
 from __future__ import annotations
 
@@ -42,17 +43,18 @@ def layout_variants(plain: Path, folder: Path) -> dict[str, Path]:
 
 
 def run(weights: Path = SHARED / "weights" / "yolov5n.pt", imgsz: tuple[int, ...] = (320, 640), threads: int = 2,
-        rounds: int = 40, block: int = 5) -> list[dict]:
+        rounds: int = 40, block: int = 5, raw_head: bool = False) -> list[dict]:
     from bench.int8_latency import build_pair
     from bench.onnx_latency import side_by_side
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in imgsz:
-            fp32, plain = build_pair(Path(weights), int(size), Path(tmp), plain_qdq=True)
+            fp32, plain = build_pair(Path(weights), int(size), Path(tmp), plain_qdq=True, raw_head=raw_head)
             files = {"fp32": fp32, **layout_variants(plain, Path(tmp))}
             ms, outputs = side_by_side(files, int(size), threads, rounds, block)
-            same = all(np.array_equal(outputs[PLAIN][0], outputs[name][0]) for name in files if name.startswith("int8"))
+            same = all(np.array_equal(a, b) for name in files if name.startswith("int8")
+                       for a, b in zip(outputs[PLAIN], outputs[name]))
             rows.append({"imgsz": size, **ms, "identical_outputs": same})
             print(f"{size} px, {threads} threads (outputs of every INT8 file identical: {same})")
             for name, value in ms.items():

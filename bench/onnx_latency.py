@@ -89,15 +89,16 @@ def side_by_side(files: dict[str, Path], imgsz: int, threads: int = 2, rounds: i
 
 def run_ab_cli(run, doc: str, argv=None) -> list[dict]:
     """Command line of the side-by-side export benches (bench.int8_layout, bench.qdq_resize_ab):
-    ``run(weights, imgsz, threads, rounds)`` with the parsed options."""
+    ``run(weights, imgsz, threads, rounds, raw_head=...)`` with the parsed options."""
     shared = Path(os.environ.get("YQ_SHARED", ROOT.parent / "shared"))
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--weights", type=str, default=str(shared / "weights" / "yolov5n.pt"))
     p.add_argument("--imgsz", nargs="+", type=int, default=[320, 640])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--raw-head", action="store_true", help="export the raw head maps (export.py --raw-head)")
     o = p.parse_args(argv)
-    return run(Path(o.weights), tuple(o.imgsz), o.threads, o.rounds)
+    return run(Path(o.weights), tuple(o.imgsz), o.threads, o.rounds, raw_head=o.raw_head)
 
 
 def parse_opt(argv=None):

@@ -43,7 +43,7 @@ def without_resize_requant(model: Any) -> Any:
 
 
 def run(weights: Path = SHARED / "weights" / "yolov5n.pt", imgsz: tuple[int, ...] = (320, 640), threads: int = 2,
-        rounds: int = 40, block: int = 5) -> list[dict]:
+        rounds: int = 40, block: int = 5, raw_head: bool = False) -> list[dict]:
     import onnx
 
     from bench.int8_latency import build_pair
@@ -52,7 +52,7 @@ def run(weights: Path = SHARED / "weights" / "yolov5n.pt", imgsz: tuple[int, ...
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in imgsz:
-            fp32, int8 = build_pair(Path(weights), int(size), Path(tmp))
+            fp32, int8 = build_pair(Path(weights), int(size), Path(tmp), raw_head=raw_head)
             before = Path(tmp) / f"int8_{size}_float_resize.onnx"
             onnx.save(without_resize_requant(onnx.load(str(int8))), str(before))
             ms, outputs = side_by_side({"fp32": fp32, "int8, float resize and concat": before, "int8, 8-bit": int8},

@@ -79,7 +79,12 @@ class Detect(nn.Module):
             if image is not None:  # inputs are multiples of the largest stride, so the division is exact
                 s = int(self.stride[i])
                 bs, ny, nx = image.shape[0], image.shape[2] // s, image.shape[3] // s
-            x[i] = x[i].view(bs, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous()
+            if torch.onnx.is_in_onnx_export():
+                # The same values through channels-last: onnxruntime's integer convs write NHWC, and this
+                # order leaves it one transpose per level instead of two (notes/qat_speed.md, sixth round)
+                x[i] = x[i].permute(0, 2, 3, 1).reshape(bs, ny, nx, self.na, self.no).permute(0, 3, 1, 2, 4).contiguous()
+            else:
+                x[i] = x[i].view(bs, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous()
             if self.training or self.export_raw:
                 continue
             grid = self.grid[i]
