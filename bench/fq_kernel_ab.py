@@ -26,8 +26,6 @@ if str(ROOT) not in sys.path:
 
 from bench.qat_speed import _train_variants, interleave  # noqa: E402
 
-
-
 DEFAULT = "range-mask both"
 VIEW_PHASES = ("qat_frozen_observers", "qat_frozen")  # run quant.frozen_view, where a ReLU can fold
 

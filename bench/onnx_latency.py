@@ -64,11 +64,13 @@ def run(onnx=(), batch_size=1, imgsz=None, iters=50, warmup=5, threads=0, json_o
     return rows
 
 
-def side_by_side(files: dict[str, Path], imgsz: int, threads: int = 2, rounds: int = 40,
-                 block: int = 5) -> tuple[dict[str, float], dict[str, list]]:
+def side_by_side(files: dict[str, Path], imgsz: int, threads: int = 2, rounds: int = 40, block: int = 5,
+                 settle: float | None = None, spin: bool = True) -> tuple[dict[str, float], dict[str, list]]:
     """({name: median ms}, {name: outputs}) of ``files`` run on one random (1, 3, imgsz, imgsz) image,
-    timed in interleaved blocks of ``block`` runs (bench.qat_speed.interleave, with its pause before each
-    block so an idle session's spinning threads do not share the cores with the timed one)."""
+    timed in interleaved blocks of ``block`` runs (bench.qat_speed.interleave). Before each block it
+    pauses ``settle`` seconds (default bench.qat_speed.ONNX_SETTLE_S): without the pause an idle session's
+    spinning threads (``spin``) share the cores with the timed one, and INT8/FP32 at 320 px came out
+    anywhere from 0.54 to 0.96 (notes/qat_speed.md)."""
     import numpy as np
 
     from bench.qat_speed import ONNX_SETTLE_S, Variant, interleave
@@ -77,13 +79,13 @@ def side_by_side(files: dict[str, Path], imgsz: int, threads: int = 2, rounds: i
     x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
     variants, outputs = [], {}
     for name, file in files.items():
-        model, _ = load_onnx_model(file, "cpu", threads=threads, spin=True)
+        model, _ = load_onnx_model(file, "cpu", threads=threads, spin=spin)
         feed = {model.input_name: x.astype(model.input_dtype)}
         run_once = (lambda s, f: lambda: s.run(None, f))(model.session, feed)
         for _ in range(5):
             outputs[name] = run_once()
         variants.append(Variant(name, name, run_once))
-    interleave(variants, rounds, block, settle=ONNX_SETTLE_S)
+    interleave(variants, rounds, block, settle=ONNX_SETTLE_S if settle is None else settle)
     return {v.name: v.median_ms for v in variants}, outputs
 
 

@@ -132,30 +132,18 @@ def _train_variants(opt: dict, device: torch.device) -> tuple[list[Variant], lis
 
 def _onnx_rows(opt: dict) -> list[dict]:
     """FP32 vs INT8 QDQ onnxruntime latency per size, both sessions timed in interleaved blocks."""
-    import numpy as np
-
     from bench.int8_latency import build_pair
-    from utils.export.onnx_backend import load_onnx_model
+    from bench.onnx_latency import side_by_side
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in opt["onnx_imgsz"]:
-            files = build_pair(Path(opt["onnx_weights"]), int(size), Path(tmp), opt["act"] or "relu")
-            variants = []
-            for name, file in zip(("fp32", "int8"), files):
-                model, meta = load_onnx_model(file, "cpu", threads=opt["onnx_threads"], spin=opt["onnx_spin"])
-                h, w = meta["imgsz"]
-                x = np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32).astype(model.input_dtype)
-                run = (lambda s, feed: lambda: s.run(None, feed))(model.session, {model.input_name: x})
-                for _ in range(3):
-                    run()
-                variants.append(Variant(name, name, run))
-            # Without a pause the idle session's spinning threads share the 2 cores with the timed one:
-            # INT8/FP32 at 320 px came out anywhere from 0.54 to 0.96 (notes/qat_speed.md).
-            interleave(variants, opt["rounds"], opt["onnx_block"], settle=opt["onnx_settle"])
-            fp32, int8 = (v.median_ms for v in variants)
-            rows.append({"imgsz": int(size), "fp32_median_ms": fp32, "int8_median_ms": int8, "int8_over_fp32": int8 / fp32,
-                         "runs": len(variants[0].times), "threads": opt["onnx_threads"]})
+            fp32_file, int8_file = build_pair(Path(opt["onnx_weights"]), int(size), Path(tmp), opt["act"] or "relu")
+            ms, _ = side_by_side({"fp32": fp32_file, "int8": int8_file}, int(size), opt["onnx_threads"], opt["rounds"],
+                                 opt["onnx_block"], settle=opt["onnx_settle"], spin=opt["onnx_spin"])
+            rows.append({"imgsz": int(size), "fp32_median_ms": ms["fp32"], "int8_median_ms": ms["int8"],
+                         "int8_over_fp32": ms["int8"] / ms["fp32"], "runs": opt["rounds"] * opt["onnx_block"],
+                         "threads": opt["onnx_threads"]})
     return rows
 
 

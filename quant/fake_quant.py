@@ -27,6 +27,12 @@ LOGGER = logging.getLogger(__name__)
 __all__ = ["Pow2FakeQuantize", "exponent_from_bound", "MSE_CANDIDATES"]
 
 
+def _eager_cpu(x: torch.Tensor) -> bool:
+    """Whether x runs the eager CPU kernels (float32 on the CPU, not while torch.compile traces: they read
+    their bounds on the host)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+
+
 class Pow2FakeQuantize(nn.Module):
     """Observer + fake quantizer whose scale is always an exact power of two.
 
@@ -107,8 +113,7 @@ class Pow2FakeQuantize(nn.Module):
         With the observer not running, for an active unsigned per-tensor quantizer on the eager CPU path,
         it is one kernel: ReluRangeMaskFakeQuantCPU, the same values and gradient without the ReLU's passes."""
         fused = (self.quant_min == 0 and not self.spec.per_channel and self.is_active() and self.log2_threshold is None
-                 and not (self._observing and (self.training or self.calibrating))
-                 and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling())
+                 and not (self._observing and (self.training or self.calibrating)) and _eager_cpu(x))
         if not fused:
             return self(torch.relu(x))
         return ReluRangeMaskFakeQuantCPU.apply(x, self.scale(), self.quant_min, self.quant_max)
@@ -254,13 +259,12 @@ class Pow2FakeQuantize(nn.Module):
 
     def _fake_quant_op(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         zero = self.zero_point if self.zero_point.device == scale.device else self.zero_point.to(scale.device)
-        eager_cpu = x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
         if self.spec.per_channel:
-            if eager_cpu:
+            if _eager_cpu(x):
                 return ChannelRangeMaskFakeQuantCPU.apply(x, self._broadcast(scale, x), self.quant_min, self.quant_max)
             return torch.fake_quantize_per_channel_affine(x, scale, zero, self._axis(x), self.quant_min, self.quant_max)
         if x.device.type == "cpu" and x.dtype == torch.float32:
-            fq = RangeMaskFakeQuantCPU if eager_cpu else PerTensorFakeQuantCPU
+            fq = RangeMaskFakeQuantCPU if _eager_cpu(x) else PerTensorFakeQuantCPU
             return fq.apply(x, scale, self.quant_min, self.quant_max)
         return torch.fake_quantize_per_tensor_affine(x, scale, zero, self.quant_min, self.quant_max)
 

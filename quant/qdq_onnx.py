@@ -60,6 +60,13 @@ class _Graph:
         return self.add_init(array, new_name)
 
 
+def _attr(node: Any, name: str, default: Any = None) -> Any:
+    import onnx
+
+    found = next((a for a in node.attribute if a.name == name), None)
+    return default if found is None else onnx.helper.get_attribute_value(found)
+
+
 def _fold_weight_quantizers(g: _Graph) -> int:
     """QuantizeLinear(float initializer) -> int8 initializer read directly by the DequantizeLinear."""
     done = 0
@@ -123,10 +130,9 @@ def _requantize_resizes(g: _Graph) -> int:
 
     done = 0
     for node in [n for n in g.graph.node if n.op_type == "Resize"]:
-        mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "nearest")
         src = g.producer.get(node.input[0])
         users = g.users(node.output[0])
-        if mode != "nearest" or src is None or src.op_type != "DequantizeLinear" or not users \
+        if _attr(node, "mode", b"nearest") != b"nearest" or src is None or src.op_type != "DequantizeLinear" or not users \
                 or any(u.op_type == "QuantizeLinear" for u in users):
             continue
         out = node.output[0]
@@ -148,13 +154,6 @@ def _requantize_resizes(g: _Graph) -> int:
 # onnxruntime's x86 integer convs are fast when the output channels are a multiple of 16: 64 -> 255 channels
 # (the COCO head) at 80x80 took 1.40 ms against 0.79 ms for 64 -> 256 (notes/qat_speed.md, fifth round).
 CHANNEL_BLOCK = 16
-
-
-def _attr(node: Any, name: str, default: Any = None) -> Any:
-    import onnx
-
-    found = next((a for a in node.attribute if a.name == name), None)
-    return default if found is None else onnx.helper.get_attribute_value(found)
 
 
 def _pad_rows(values: np.ndarray, extra: int, fill_like_last: bool) -> np.ndarray:
@@ -222,7 +221,7 @@ def _space_to_depth_stem(g: _Graph) -> int:
     if not (w_dq is not None and w_dq.op_type == "DequantizeLinear" and w_dq.input[0] in g.inits
             and kernel and len(kernel) == 2 and all(k % 2 == 0 for k in kernel) and strides == [2, 2]
             and all(p % 2 == 0 for p in pads) and _attr(conv, "dilations", [1, 1]) == [1, 1]
-            and _attr(conv, "group", 1) == 1 and _attr(conv, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")):
+            and _attr(conv, "group", 1) == 1 and _attr(conv, "auto_pad", b"NOTSET") == b"NOTSET"):
         return 0
     w = g.value(w_dq.input[0])
     out_c, in_c, kh, kw = w.shape

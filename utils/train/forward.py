@@ -51,11 +51,10 @@ class TrainingForward:
 
 def _cpu_qat(module: nn.Module) -> bool:
     """True for a model with fake quantizers whose parameters are on the CPU."""
-    from quant.fake_quant import Pow2FakeQuantize
+    from quant.schedule import iter_quantizers
 
     param = next(module.parameters(), None)
-    return param is not None and param.device.type == "cpu" and any(
-        isinstance(m, Pow2FakeQuantize) for m in module.modules())
+    return param is not None and param.device.type == "cpu" and next(iter_quantizers(module), None) is not None
 
 
 def wrap_ddp(model: nn.Module, dist, cuda: bool) -> nn.Module:
