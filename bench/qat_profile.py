@@ -53,17 +53,17 @@ def fault_counts(variant, steps: int) -> dict[str, float]:
 def run(phase: tuple[str, ...] = ("float", "qat_observe", "qat_frozen"), cfg: str = "yolov5n.yaml",
         act: str = "relu", imgsz: int = 320, batch_size: int = 8, steps: int = 3, top: int = 15,
         qat_config: Optional[str] = None, seed: int = 0, faults: bool = False,
-        malloc_default: bool = False) -> dict[str, str]:
+        malloc_default: bool = False, compiled: bool = False) -> dict[str, str]:
     from bench.train_speed import DEFAULT_HYP
 
     from utils.torch_utils import keep_freed_memory
 
     if not malloc_default:
         keep_freed_memory(torch.device("cpu"))  # as train.py does on the CPU
-    opt = dict(cfg=cfg, act=act, imgsz=imgsz, batch_size=batch_size, warmup=2, compile=False,
+    opt = dict(cfg=cfg, act=act, imgsz=imgsz, batch_size=batch_size, warmup=2, compile=compiled,
                hyp=DEFAULT_HYP, qat_config=qat_config, seed=seed)
-    eager, _ = _train_variants(opt, torch.device("cpu"))
-    by_name = {v.name: v for v in eager}
+    eager, under_compile = _train_variants(opt, torch.device("cpu"))
+    by_name = {v.name: v for v in (under_compile if compiled else eager)}
     unknown = [p for p in phase if p not in by_name]
     if unknown:
         raise ValueError(f"qat_profile: unknown phase {unknown}; choose from {sorted(by_name)}")
@@ -76,7 +76,8 @@ def run(phase: tuple[str, ...] = ("float", "qat_observe", "qat_frozen"), cfg: st
             print(tables[name])
             continue
         tables[name] = profile_phase(by_name[name], steps, top)
-        print(f"\n== {name}: {by_name[name].label} ({steps} steps, {cfg} {act} {imgsz}px batch {batch_size})")
+        how = "torch.compile" if compiled else "eager"
+        print(f"\n== {name}: {by_name[name].label}, {how} ({steps} steps, {cfg} {act} {imgsz}px batch {batch_size})")
         print(tables[name])
     return tables
 
@@ -95,6 +96,7 @@ def parse_opt(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--faults", action="store_true", help="count page faults and system time per step instead")
     p.add_argument("--malloc-default", action="store_true",
                    help="leave glibc malloc as it is (train.py keeps freed memory on the CPU: keep_freed_memory)")
+    p.add_argument("--compiled", action="store_true", help="profile the torch.compile variants (compiled first)")
     return p.parse_args(argv)
 
 

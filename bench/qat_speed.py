@@ -16,7 +16,9 @@ clipping, SGD) on one random batch, for the phases of a QAT run (quant.schedule)
 - QAT, observers and BN frozen: the rest of the run;
 - the same on the full prepared graph: what the trainer ran before quant.frozen_view.
 Each QAT phase runs the forward the trainer runs in it. ``--compile`` (default on) adds every step under
-torch.compile, as ``train.py --compile`` runs it (the first steps of each phase compile, untimed).
+torch.compile (the first steps of each phase compile, untimed); ``train.py --compile`` runs the observing
+steps eager instead (histogram observers break the graph), so the compiled observer-window row uses the
+eager observing step.
 
 Inference: ``--onnx-weights`` rebuilt with ReLU and its calibrated QAT twin, exported as FP32 and INT8
 QDQ ONNX (bench.int8_latency.build_pair), timed in onnxruntime on the CPU in interleaved blocks.
@@ -159,8 +161,9 @@ def _rows(eager: list[Variant], compiled: list[Variant], observer_every: int = 1
     if observer_every > 1:
         labels["qat_observer_window"] = f"QAT, observer window, 1 in {observer_every} observed"
         for ms in columns.values():
-            ms["qat_observer_window"] = (ms["qat_observe"] + (observer_every - 1) * ms["qat_frozen_observers"]) \
-                / observer_every
+            # train.py --compile runs the observed batches eager (utils.train.forward: histogram observers)
+            observed = columns["eager"]["qat_observe"]
+            ms["qat_observer_window"] = (observed + (observer_every - 1) * ms["qat_frozen_observers"]) / observer_every
     steps = {v.name: len(v.times) for v in eager}
     rows = {}
     for name, label in labels.items():

@@ -18,19 +18,20 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from quant.config import QuantSpec
-from quant.fq_ops import (EXP_MAX, EXP_MIN, MSE_CANDIDATES, ChannelRangeMaskFakeQuantCPU, PerTensorFakeQuantCPU,
-                          RangeMaskFakeQuantCPU, ReluRangeMaskFakeQuantCPU, exponent_from_bound, has_half_kernel,
-                          pow2_scale, row_candidate_errors, shift_errors, threshold_fake_quant)
+from quant.fq_ops import (EXP_MAX, EXP_MIN, MSE_CANDIDATES, ChannelRangeMaskFakeQuantCPU, RangeMaskFakeQuantCPU,
+                          ReluRangeMaskFakeQuantCPU, compiled_channel_fake_quant, compiled_fake_quant,
+                          exponent_from_bound, has_half_kernel, pow2_scale, row_candidate_errors, shift_errors,
+                          threshold_fake_quant)
 from quant.histogram import ValueHistogram
 
 LOGGER = logging.getLogger(__name__)
 __all__ = ["Pow2FakeQuantize", "exponent_from_bound", "MSE_CANDIDATES"]
 
 
-def _eager_cpu(x: torch.Tensor) -> bool:
-    """Whether x runs the eager CPU kernels (float32 on the CPU, not while torch.compile traces: they read
-    their bounds on the host)."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+def _cpu_float(x: torch.Tensor) -> bool:
+    """Whether x runs the CPU range-mask kernels (float32 on the CPU): as autograd Functions in eager mode,
+    as torch.library ops while torch.compile traces (they read their bounds on the host)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32
 
 
 class Pow2FakeQuantize(nn.Module):
@@ -113,15 +114,21 @@ class Pow2FakeQuantize(nn.Module):
         With the observer not running, for an active unsigned per-tensor quantizer on the eager CPU path,
         it is one kernel: ReluRangeMaskFakeQuantCPU, the same values and gradient without the ReLU's passes."""
         fused = (self.quant_min == 0 and not self.spec.per_channel and self.is_active() and self.log2_threshold is None
-                 and not (self._observing and (self.training or self.calibrating)) and _eager_cpu(x))
+                 and not (self._observing and (self.training or self.calibrating)) and _cpu_float(x))
         if not fused:
             return self(torch.relu(x))
+        if torch.compiler.is_compiling():
+            return compiled_fake_quant(x, self.scale(), self.quant_min, self.quant_max, True)
         return ReluRangeMaskFakeQuantCPU.apply(x, self.scale(), self.quant_min, self.quant_max)
 
     def quantize_now(self, x: torch.Tensor) -> torch.Tensor:
         """x fake-quantized with the current scale whatever the enable flag says (x itself before the
         first observation); observes nothing. For reports that compare quantized and float tensors."""
         return self._fake_quant(x) if self._calibrated else x
+
+    def observes_on_host(self) -> bool:
+        """True while the observer runs and is the histogram one (it counts on the host, between compiled graphs)."""
+        return self._observing and self._histogram is not None
 
     def is_active(self) -> bool:
         """True when forward fake-quantizes: calibrated and fake quantization enabled (no device sync)."""
@@ -259,13 +266,18 @@ class Pow2FakeQuantize(nn.Module):
 
     def _fake_quant_op(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         zero = self.zero_point if self.zero_point.device == scale.device else self.zero_point.to(scale.device)
+        compiling = torch.compiler.is_compiling()
         if self.spec.per_channel:
-            if _eager_cpu(x):
-                return ChannelRangeMaskFakeQuantCPU.apply(x, self._broadcast(scale, x), self.quant_min, self.quant_max)
+            if _cpu_float(x):
+                scale = self._broadcast(scale, x)
+                if compiling:
+                    return compiled_channel_fake_quant(x, scale, self.quant_min, self.quant_max)
+                return ChannelRangeMaskFakeQuantCPU.apply(x, scale, self.quant_min, self.quant_max)
             return torch.fake_quantize_per_channel_affine(x, scale, zero, self._axis(x), self.quant_min, self.quant_max)
-        if x.device.type == "cpu" and x.dtype == torch.float32:
-            fq = RangeMaskFakeQuantCPU if _eager_cpu(x) else PerTensorFakeQuantCPU
-            return fq.apply(x, scale, self.quant_min, self.quant_max)
+        if _cpu_float(x):
+            if compiling:
+                return compiled_fake_quant(x, scale, self.quant_min, self.quant_max, False)
+            return RangeMaskFakeQuantCPU.apply(x, scale, self.quant_min, self.quant_max)
         return torch.fake_quantize_per_tensor_affine(x, scale, zero, self.quant_min, self.quant_max)
 
     def _axis(self, x: torch.Tensor) -> int:

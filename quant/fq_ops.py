@@ -1,7 +1,8 @@
 """The arithmetic behind Pow2FakeQuantize, as plain functions of tensors: power-of-2 scales and exponents,
-the CPU kernels (a float-mask per-tensor one that torch.compile traces; range-mask per-tensor, per-channel and
-ReLU-folded ones for eager training), the trained-threshold (TQT) fake quantizer whose log2 threshold receives a
-gradient, the 'mse' rule's candidate errors, and which half-precision fake-quant kernels a device has."""
+the CPU kernels (range-mask per-tensor, per-channel and ReLU-folded ones, as autograd Functions for eager
+training and as torch.library ops for torch.compile; the float-mask one they replaced), the
+trained-threshold (TQT) fake quantizer whose log2 threshold receives a gradient, the 'mse' rule's
+candidate errors, and which half-precision fake-quant kernels a device has."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -99,7 +100,8 @@ class PerTensorFakeQuantCPU(torch.autograd.Function):
     exactly when clamping left it unchanged (NaN != NaN counts as clipped, as in the builtin mask). The
     mask is stored as float 1/0 and the backward multiplies by it, as the builtin does: on the CPU,
     reading a bool tensor (mul, where, masked_fill) is not vectorised and costs 3-10 elementwise passes
-    (notes/qat_speed.md). torch.compile traces this one; eager runs :class:`RangeMaskFakeQuantCPU`."""
+    (notes/qat_speed.md). The CPU path's kernel before :class:`RangeMaskFakeQuantCPU`, kept as bench.fq_kernel_ab's
+    baseline and as a kernel that reads nothing on the host (tests stand it in for a GPU's)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
@@ -137,7 +139,7 @@ class RangeMaskFakeQuantCPU(torch.autograd.Function):
 
     Equal to the builtin's gradient wherever the gradient is finite (a NaN input gets 0, as there); where
     the builtin multiplies a non-finite gradient by a zero mask this gives 0, not NaN. The bounds are read
-    on the host, so torch.compile traces :class:`PerTensorFakeQuantCPU` instead."""
+    on the host, so under torch.compile it runs as the library op :func:`compiled_fake_quant`."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
@@ -189,6 +191,69 @@ class ChannelRangeMaskFakeQuantCPU(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (units,) = ctx.saved_tensors
         return torch.ops.aten.hardtanh_backward(grad, units, *ctx.kept), None, None, None
+
+
+# torch.compile on the CPU: the range-mask kernels as opaque torch.library ops. Traced as pointwise ops, a
+# fake quantizer makes inductor store a bool gradient mask, which its CPU code writes about ten times slower
+# than a float (notes/qat_speed.md: relu(x) * 2 forward and backward, 12.6 ms compiled against 3.0 eager);
+# as ops, the compiled graph calls the eager kernels, which keep no mask, and reads their bounds at run time.
+# Elementwise, they take any memory layout: inductor then leaves its channels-last activations as they are.
+_ANY_LAYOUT = (torch.Tag.flexible_layout,)
+@torch.library.custom_op("pow2q::fake_quant_cpu", mutates_args=(), tags=_ANY_LAYOUT)
+def compiled_fake_quant(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, relu: bool) -> torch.Tensor:
+    """RangeMaskFakeQuantCPU's values (ReluRangeMaskFakeQuantCPU's when ``relu``), for torch.compile."""
+    return torch.mul(x, scale.reciprocal()).round_().clamp_(qmin, qmax).nan_to_num_(nan=qmin).mul_(scale)
+
+
+@torch.library.custom_op("pow2q::fake_quant_cpu_backward", mutates_args=(), tags=_ANY_LAYOUT)
+def _compiled_fake_quant_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int,
+                                  relu: bool) -> torch.Tensor:
+    lo, hi = kept_range(float(scale), qmin, qmax)
+    return torch.ops.aten.hardtanh_backward(grad, x, 0.0 if relu else lo, hi)
+
+
+@torch.library.custom_op("pow2q::channel_fake_quant_cpu", mutates_args=(), tags=_ANY_LAYOUT)
+def compiled_channel_fake_quant(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """ChannelRangeMaskFakeQuantCPU's values (``scale`` broadcasts over x), for torch.compile."""
+    return torch.mul(x, scale.reciprocal()).round_().clamp_(qmin, qmax).nan_to_num_(nan=qmin).mul_(scale)
+
+
+@torch.library.custom_op("pow2q::channel_fake_quant_cpu_backward", mutates_args=(), tags=_ANY_LAYOUT)
+def _compiled_channel_fake_quant_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, qmin: int,
+                                          qmax: int) -> torch.Tensor:
+    # weights are small: recompute the exact quotient rather than keep it from the forward
+    return torch.ops.aten.hardtanh_backward(grad, torch.mul(x, scale.reciprocal()), *kept_range(1.0, qmin, qmax))
+
+
+@compiled_fake_quant.register_fake
+@compiled_channel_fake_quant.register_fake
+def _like_input(x, *args):
+    return torch.empty_like(x)
+
+
+@_compiled_fake_quant_backward.register_fake
+@_compiled_channel_fake_quant_backward.register_fake
+def _like_grad(grad, *args):
+    return torch.empty_like(grad)
+
+
+def _save_input_and_scale(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0], inputs[1])
+    ctx.bounds = inputs[2:]
+
+
+def _fake_quant_grad(ctx, grad):
+    x, scale = ctx.saved_tensors
+    return _compiled_fake_quant_backward(grad, x, scale, *ctx.bounds), None, None, None, None
+
+
+def _channel_fake_quant_grad(ctx, grad):
+    x, scale = ctx.saved_tensors
+    return _compiled_channel_fake_quant_backward(grad, x, scale, *ctx.bounds), None, None, None
+
+
+compiled_fake_quant.register_autograd(_fake_quant_grad, setup_context=_save_input_and_scale)
+compiled_channel_fake_quant.register_autograd(_channel_fake_quant_grad, setup_context=_save_input_and_scale)
 
 
 def _round_ste(t: torch.Tensor) -> torch.Tensor:

@@ -147,20 +147,51 @@ def test_eager_cpu_kernel_equals_the_builtin_but_for_non_finite_gradients(qmin, 
     assert a.grad[0, 0, 0, 1:3].isnan().all() and (b.grad[0, 0, 0, 1:3] == 0).all()
 
 
-def test_quantizer_runs_the_eager_kernel_and_the_traceable_one_under_compile(monkeypatch):
-    """Pow2FakeQuantize on a float32 CPU tensor: RangeMaskFakeQuantCPU in eager mode; while torch.compile
-    traces, PerTensorFakeQuantCPU (RangeMask reads its bounds on the host)."""
+def _grad_of(fn, x: torch.Tensor, g: torch.Tensor):
+    x = x.detach().clone().requires_grad_(True)
+    y = fn(x)
+    y.backward(g)
+    return y.detach(), x.grad, type(y.grad_fn).__name__
+
+
+@pytest.mark.parametrize("kind", ["per-tensor", "relu folded", "per-channel"])
+def test_quantizer_runs_the_range_mask_kernels_as_library_ops_under_compile(kind, monkeypatch):
+    """Pow2FakeQuantize on a float32 CPU tensor: the range-mask autograd Functions in eager mode; while
+    torch.compile traces, the same kernels as pow2q:: library ops (opaque to inductor), with the same
+    values and gradients bit for bit, rounding ties and values outside the range included."""
     from quant.config import QuantSpec
     from quant.fake_quant import Pow2FakeQuantize
 
-    fq = Pow2FakeQuantize(QuantSpec(bits=8), signed=False)
+    per_channel = kind == "per-channel"
+    fq = Pow2FakeQuantize(QuantSpec(bits=8, per_channel=per_channel, ch_axis=0), signed=per_channel,
+                          num_channels=3 if per_channel else 1)
     fq.train()
-    x = torch.rand(2, 3, 8, 8, requires_grad=True)
-    y = fq(x)
-    assert type(y.grad_fn).__name__ == "RangeMaskFakeQuantCPUBackward"
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 8, 8, generator=gen) * 4
+    fq(x)  # observe once, then freeze
+    fq.enable_observer(False)
+    scale = float(fq.scale().max())
+    x.view(-1)[:4] = torch.tensor([127.5, 128.5, -0.5, 255.5]) * scale  # exact ties
+    g = torch.randn(x.shape, generator=gen)
+    run = fq.fake_quant_after_relu if kind == "relu folded" else fq
+    eager = _grad_of(run, x, g)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    z = fq(x)
-    assert type(z.grad_fn).__name__ == "PerTensorFakeQuantCPUBackward" and torch.equal(y, z)
+    traced = _grad_of(run, x, g)
+    assert "pow2q" in traced[2] and "pow2q" not in eager[2]
+    assert torch.equal(eager[0], traced[0]) and torch.equal(eager[1], traced[1])
+    assert 0 < int((eager[1] == 0).sum()) < x.numel()  # some values clipped, some kept
+
+
+def test_library_ops_register_consistently():
+    """torch.library's own check of the pow2q ops: fake (meta) kernels, autograd registration and
+    schema agree with what the kernels do."""
+    from quant.fq_ops import compiled_channel_fake_quant, compiled_fake_quant
+
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    torch.library.opcheck(compiled_fake_quant, (x, torch.tensor([2.0 ** -4]), -128, 127, False))
+    torch.library.opcheck(compiled_fake_quant, (x, torch.tensor([2.0 ** -4]), 0, 255, True))
+    scale = torch.tensor([2.0 ** -3, 2.0 ** -5, 1.0]).reshape(1, 3, 1, 1)
+    torch.library.opcheck(compiled_channel_fake_quant, (x, scale, -128, 127))
 
 
 @pytest.mark.parametrize("qmin,qmax", [(-128, 127), (-8, 7), (0, 255)])

@@ -2,8 +2,8 @@
 observers are frozen in a single process, the prepared graph without the concat re-quantizations that
 are identities then (quant.frozen_view: the same values and gradients, about a fifth fewer activation
 values fake-quantized; DDP's wrapper has to run every forward, so under DDP the full graph stays).
-With ``--compile`` each of them is compiled once; EMA, checkpoints and validation keep using the plain
-module, so nothing saved depends on the compiler."""
+With ``--compile`` each of them is compiled once, except that steps whose histogram observers run stay
+eager; EMA, checkpoints and validation keep using the plain module, so nothing saved depends on the compiler."""
 from __future__ import annotations
 
 import logging
@@ -33,6 +33,10 @@ class TrainingForward:
 
                 self.frozen_view = frozen_view(de_parallel(self.model))
             forward = self.frozen_view
+        elif self.compile and _observes_on_host(forward):
+            # histogram observers count on the host between graphs: a compiled observing step breaks at each
+            # of them and measured 1.75x the eager one (README, 'What QAT costs per training step')
+            return forward
         return self._compiled_version(forward) if self.compile else forward
 
     def _compiled_version(self, module: nn.Module) -> nn.Module:
@@ -42,19 +46,15 @@ class TrainingForward:
         if compiled is None:
             if not self._compiled:
                 LOGGER.info(colorstr("compile: ") + "torch.compile on the training forward; the first steps compile")
-                if _cpu_qat(module):
-                    LOGGER.warning(colorstr("compile: ") + "QAT on the CPU runs slower compiled than eager in most phases "
-                                   "(README, 'What QAT costs per training step'); drop --compile for speed")
             compiled = self._compiled[id(module)] = torch.compile(module)
         return compiled
 
 
-def _cpu_qat(module: nn.Module) -> bool:
-    """True for a model with fake quantizers whose parameters are on the CPU."""
+def _observes_on_host(module: nn.Module) -> bool:
+    """True while a fake quantizer of ``module`` observes with a host-side (histogram) observer."""
     from quant.schedule import iter_quantizers
 
-    param = next(module.parameters(), None)
-    return param is not None and param.device.type == "cpu" and next(iter_quantizers(module), None) is not None
+    return any(q.observes_on_host() for _, q in iter_quantizers(module))
 
 
 def wrap_ddp(model: nn.Module, dist, cuda: bool) -> nn.Module:

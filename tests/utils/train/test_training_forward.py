@@ -1,33 +1,34 @@
-"""utils.train.forward.TrainingForward: which module a step calls, and the --compile notice for CPU QAT."""
+"""utils.train.forward.TrainingForward: which module a step calls, eager and under --compile."""
 from __future__ import annotations
-
-import logging
 
 import torch
 
 from models.yolo import DetectionModel
+from quant.config import QuantConfig
+from quant.prepare import prepare
+from quant.schedule import iter_quantizers
+from tests.tiny_nets import AddConcatNet
 from utils.qat import prepare_qat_model
 from utils.train.forward import TrainingForward
 
 
-def _warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+def test_compile_keeps_histogram_observing_steps_eager():
+    """--compile: while histogram observers run (they count on the host, between graphs) the step calls the
+    plain model; once they are frozen, the compiled frozen view. Min/max observers trace, so they compile."""
+    from quant.schedule import set_observers
 
-
-def test_compile_with_qat_on_cpu_warns_once(caplog):
-    """--compile with a QAT model on the CPU says, once, that it measured slower than eager; a float model
-    compiles without the warning. Frozen observers pick the frozen view (a single process)."""
     prepared = prepare_qat_model(DetectionModel("yolov5p.yaml", act="relu", nc=2), 64).train()
+    assert any(q.spec.observer == "histogram" for _, q in iter_quantizers(prepared))  # the default recipe
     forwards = TrainingForward(prepared, compile=True, single_process=True)
-    with caplog.at_level(logging.INFO):
-        forwards.pick(observers_frozen=False)
-        forwards.pick(observers_frozen=True)
-    assert sum("slower compiled than eager" in m for m in _warnings(caplog)) == 1
-    assert forwards.frozen_view is not None and len(forwards._compiled) == 2
-    caplog.clear()
-    with caplog.at_level(logging.INFO):
-        TrainingForward(DetectionModel("yolov5p.yaml", nc=2), compile=True, single_process=True).pick()
-    assert not _warnings(caplog)
+    assert forwards.pick(observers_frozen=False) is prepared and not forwards._compiled
+    set_observers(prepared, False)
+    frozen = forwards.pick(observers_frozen=True)
+    assert forwards.frozen_view is not None and frozen is forwards._compiled[id(forwards.frozen_view)]
+
+    config = QuantConfig.from_dict({"activation": {"observer": "ema_minmax", "rounding": "ceil"}})
+    device_side = prepare(AddConcatNet(pool=True), (torch.rand(2, 3, 32, 32),), config).train()
+    forwards = TrainingForward(device_side, compile=True, single_process=True)
+    assert forwards.pick(observers_frozen=False) is forwards._compiled[id(device_side)]
 
 
 def test_eager_picks_the_model_or_the_frozen_view():
