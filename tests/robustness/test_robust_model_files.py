@@ -106,6 +106,8 @@ def test_hyp_unknown_key_warns_and_trains(tmp_path, data_yaml, caplog):
     # optional keys are not reported
     caplog.clear()
     check_hyp({**yaml.safe_load(HYP.read_text()), "anchors": 3, "label_smoothing": 0.1}, "h.yaml")
+    qat_hyp = REPO / "data/hyps/hyp.qat.yaml"  # every key of the shipped QAT recipe is read
+    check_hyp(yaml.safe_load(qat_hyp.read_text()), qat_hyp)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 

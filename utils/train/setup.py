@@ -34,7 +34,9 @@ REQUIRED_HYP_KEYS = ("lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", 
                      "warmup_bias_lr", "box", "cls", "cls_pw", "obj", "obj_pw", "iou_t", "anchor_t",
                      "fl_gamma", "hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear",
                      "perspective", "flipud", "fliplr", "mosaic", "mixup", "copy_paste")
-OPTIONAL_HYP_KEYS = ("anchors", "label_smoothing", "ema_decay")  # upstream's commented-out anchors; set by the trainer; ours (EMA decay, 0 = off)
+# upstream's commented-out anchors; set by the trainer; ours: EMA decay (0 = off), and the QAT options
+# utils.train.qat_training reads (trained thresholds' Adam step, distillation gain; data/hyps/hyp.qat.yaml)
+OPTIONAL_HYP_KEYS = ("anchors", "label_smoothing", "ema_decay", "lr_threshold", "distill")
 
 
 def check_hyp(hyp: Any, source: str | Path = "hyp") -> dict:
