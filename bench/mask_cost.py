@@ -78,12 +78,20 @@ class _FloatMaskReLU(torch.autograd.Function):
 
 def training_rows(shape: tuple[int, ...], runs: int) -> dict[str, float]:
     """ms of a forward and backward of relu(x) * 2: eager, compiled, and compiled with the float-mask
-    function above (whose saved mask inductor still stores as bool)."""
+    function above (whose saved mask inductor still stores as bool); then of a ReLU-folded fake-quant
+    times 2: the eager kernel, compiled as traced float ops, and compiled calling the pow2q library op
+    (what Pow2FakeQuantize runs under torch.compile on the CPU)."""
+    from quant.fq_ops import PerTensorFakeQuantCPU, ReluRangeMaskFakeQuantCPU, compiled_fake_quant
+
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    scale = torch.tensor([2.0 ** -5])
     steps = {
         "training step relu(x) * 2, eager": lambda t: torch.relu(t) * 2,
         "  compiled": torch.compile(lambda t: torch.relu(t) * 2),
         "  compiled, float-mask autograd function": torch.compile(lambda t: _FloatMaskReLU.apply(t) * 2),
+        "training step fake_quant(relu(x)) * 2, eager": lambda t: ReluRangeMaskFakeQuantCPU.apply(t, scale, 0, 255) * 2,
+        "  compiled, traced float ops": torch.compile(lambda t: PerTensorFakeQuantCPU.apply(torch.relu(t), scale, 0, 255) * 2),
+        "  compiled, pow2q library op": torch.compile(lambda t: compiled_fake_quant(t, scale, 0, 255, True) * 2),
     }
     return timed({name: (lambda fn=fn: fn(x).sum().backward()) for name, fn in steps.items()}, runs)
 

@@ -90,3 +90,13 @@ def test_mask_cost_times_every_eager_pass(capsys):
     rows = run(shape=(2, 4, 8, 8), runs=2)
     assert len(rows) == 8 and all(ms > 0 for ms in rows.values())
     assert "x * keep (float 1/0)" in rows and "x * keep (float 1/0)" in capsys.readouterr().out
+
+
+def test_onnx_op_cost_times_each_one_node_model(capsys):
+    """Each one-node model runs in onnxruntime and gets a time; the Gather row indexes a per-channel table
+    with the int8 codes (every index inside the table, or onnxruntime would fail)."""
+    from bench.onnx_op_cost import run
+
+    rows = run(shape=(1, 3, 4, 4, 85), runs=2, threads=1)
+    assert len(rows) == 7 and all(ms > 0 for ms in rows.values())
+    assert "Gather from a per-channel code table" in capsys.readouterr().out
