@@ -18,10 +18,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from quant.config import QuantSpec
-from quant.fq_ops import (EXP_MAX, EXP_MIN, MSE_CANDIDATES, ChannelRangeMaskFakeQuantCPU, RangeMaskFakeQuantCPU,
-                          ReluRangeMaskFakeQuantCPU, compiled_channel_fake_quant, compiled_fake_quant,
-                          exponent_from_bound, has_half_kernel, pow2_scale, row_candidate_errors, shift_errors,
-                          threshold_fake_quant)
+from quant.fq_ops import (EXP_MAX, EXP_MIN, MSE_CANDIDATES, ChannelRangeMaskFakeQuantCPU, PerTensorFakeQuantCPU,
+                          RangeMaskFakeQuantCPU, ReluRangeMaskFakeQuantCPU, compiled_channel_fake_quant,
+                          compiled_fake_quant, exponent_from_bound, has_half_kernel, pow2_scale, row_candidate_errors,
+                          shift_errors, threshold_fake_quant)
 from quant.histogram import ValueHistogram
 
 LOGGER = logging.getLogger(__name__)
@@ -113,11 +113,13 @@ class Pow2FakeQuantize(nn.Module):
         """``self(relu(x))`` (quant.frozen_view calls it for a fused conv's ReLU and the quantizer after it).
         With the observer not running, for an active unsigned per-tensor quantizer on the eager CPU path,
         it is one kernel: ReluRangeMaskFakeQuantCPU, the same values and gradient without the ReLU's passes."""
+        compiling = torch.compiler.is_compiling()
         fused = (self.quant_min == 0 and not self.spec.per_channel and self.is_active() and self.log2_threshold is None
-                 and not (self._observing and (self.training or self.calibrating)) and _cpu_float(x))
+                 and not (self._observing and (self.training or self.calibrating)) and _cpu_float(x)
+                 and not (compiling and compiled_fake_quant is None))
         if not fused:
             return self(torch.relu(x))
-        if torch.compiler.is_compiling():
+        if compiling:
             return compiled_fake_quant(x, self.scale(), self.quant_min, self.quant_max, True)
         return ReluRangeMaskFakeQuantCPU.apply(x, self.scale(), self.quant_min, self.quant_max)
 
@@ -268,16 +270,17 @@ class Pow2FakeQuantize(nn.Module):
         zero = self.zero_point if self.zero_point.device == scale.device else self.zero_point.to(scale.device)
         compiling = torch.compiler.is_compiling()
         if self.spec.per_channel:
-            if _cpu_float(x):
-                scale = self._broadcast(scale, x)
-                if compiling:
-                    return compiled_channel_fake_quant(x, scale, self.quant_min, self.quant_max)
-                return ChannelRangeMaskFakeQuantCPU.apply(x, scale, self.quant_min, self.quant_max)
+            if _cpu_float(x) and not compiling:
+                return ChannelRangeMaskFakeQuantCPU.apply(x, self._broadcast(scale, x), self.quant_min, self.quant_max)
+            if _cpu_float(x) and compiled_channel_fake_quant is not None:
+                return compiled_channel_fake_quant(x, self._broadcast(scale, x), self.quant_min, self.quant_max)
             return torch.fake_quantize_per_channel_affine(x, scale, zero, self._axis(x), self.quant_min, self.quant_max)
         if _cpu_float(x):
-            if compiling:
+            if not compiling:
+                return RangeMaskFakeQuantCPU.apply(x, scale, self.quant_min, self.quant_max)
+            if compiled_fake_quant is not None:
                 return compiled_fake_quant(x, scale, self.quant_min, self.quant_max, False)
-            return RangeMaskFakeQuantCPU.apply(x, scale, self.quant_min, self.quant_max)
+            return PerTensorFakeQuantCPU.apply(x, scale, self.quant_min, self.quant_max)  # torch < 2.4: traced
         return torch.fake_quantize_per_tensor_affine(x, scale, zero, self.quant_min, self.quant_max)
 
     def _axis(self, x: torch.Tensor) -> int:

@@ -5,7 +5,9 @@ trained-threshold (TQT) fake quantizer whose log2 threshold receives a gradient,
 candidate errors, and which half-precision fake-quant kernels a device has."""
 from __future__ import annotations
 
+import inspect
 from functools import lru_cache
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -100,8 +102,8 @@ class PerTensorFakeQuantCPU(torch.autograd.Function):
     exactly when clamping left it unchanged (NaN != NaN counts as clipped, as in the builtin mask). The
     mask is stored as float 1/0 and the backward multiplies by it, as the builtin does: on the CPU,
     reading a bool tensor (mul, where, masked_fill) is not vectorised and costs 3-10 elementwise passes
-    (notes/qat_speed.md). The CPU path's kernel before :class:`RangeMaskFakeQuantCPU`, kept as bench.fq_kernel_ab's
-    baseline and as a kernel that reads nothing on the host (tests stand it in for a GPU's)."""
+    (notes/qat_speed.md). The CPU path's kernel before :class:`RangeMaskFakeQuantCPU`; torch.compile traces it
+    where torch has no library ops (before 2.4), and bench.fq_kernel_ab times it as the baseline."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
@@ -155,7 +157,7 @@ def _range_mask_forward(ctx, x: torch.Tensor, scale: torch.Tensor, qmin: int, qm
                         kept: tuple[float, float]) -> torch.Tensor:
     ctx.kept = kept
     ctx.save_for_backward(x)
-    return torch.mul(x, scale.reciprocal()).round_().clamp_(qmin, qmax).nan_to_num_(nan=qmin).mul_(scale)
+    return _fake_quant_values(x, scale, qmin, qmax)
 
 
 class ReluRangeMaskFakeQuantCPU(RangeMaskFakeQuantCPU):
@@ -193,67 +195,71 @@ class ChannelRangeMaskFakeQuantCPU(torch.autograd.Function):
         return torch.ops.aten.hardtanh_backward(grad, units, *ctx.kept), None, None, None
 
 
-# torch.compile on the CPU: the range-mask kernels as opaque torch.library ops. Traced as pointwise ops, a
-# fake quantizer makes inductor store a bool gradient mask, which its CPU code writes about ten times slower
-# than a float (notes/qat_speed.md: relu(x) * 2 forward and backward, 12.6 ms compiled against 3.0 eager);
-# as ops, the compiled graph calls the eager kernels, which keep no mask, and reads their bounds at run time.
-# Elementwise, they take any memory layout: inductor then leaves its channels-last activations as they are.
-_ANY_LAYOUT = (torch.Tag.flexible_layout,)
-@torch.library.custom_op("pow2q::fake_quant_cpu", mutates_args=(), tags=_ANY_LAYOUT)
-def compiled_fake_quant(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, relu: bool) -> torch.Tensor:
-    """RangeMaskFakeQuantCPU's values (ReluRangeMaskFakeQuantCPU's when ``relu``), for torch.compile."""
+def _fake_quant_values(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     return torch.mul(x, scale.reciprocal()).round_().clamp_(qmin, qmax).nan_to_num_(nan=qmin).mul_(scale)
 
 
-@torch.library.custom_op("pow2q::fake_quant_cpu_backward", mutates_args=(), tags=_ANY_LAYOUT)
-def _compiled_fake_quant_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int,
-                                  relu: bool) -> torch.Tensor:
-    lo, hi = kept_range(float(scale), qmin, qmax)
-    return torch.ops.aten.hardtanh_backward(grad, x, 0.0 if relu else lo, hi)
+def _define_library_ops() -> tuple[Optional[Callable], Optional[Callable]]:
+    """(per-tensor op, per-channel op): the range-mask kernels as opaque torch.library ops for torch.compile on
+    the CPU, or (None, None) before torch 2.4 (no ``custom_op``; compile then traces PerTensorFakeQuantCPU).
+
+    Traced as pointwise ops, a fake quantizer makes inductor store a bool gradient mask, which its CPU code
+    writes several times slower than a float (notes/qat_speed.md, seventh round); as ops, the compiled graph
+    calls the eager kernels, which keep no mask, and they read their bounds at run time. Elementwise, they
+    take any memory layout (``flexible_layout``), so inductor keeps its channels-last activations as they are.
+
+    ``pow2q::fake_quant_cpu(x, scale, qmin, qmax, relu)`` gives RangeMaskFakeQuantCPU's values and gradient
+    (ReluRangeMaskFakeQuantCPU's when ``relu``); ``pow2q::channel_fake_quant_cpu(x, scale, qmin, qmax)``
+    ChannelRangeMaskFakeQuantCPU's (``scale`` broadcasts over x)."""
+    if not hasattr(torch.library, "custom_op"):
+        return None, None
+    options: dict = {"mutates_args": ()}
+    if "tags" in inspect.signature(torch.library.custom_op).parameters and hasattr(torch.Tag, "flexible_layout"):
+        options["tags"] = (torch.Tag.flexible_layout,)
+
+    @torch.library.custom_op("pow2q::fake_quant_cpu", **options)
+    def fake_quant(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, relu: bool) -> torch.Tensor:
+        return _fake_quant_values(x, scale, qmin, qmax)
+
+    @torch.library.custom_op("pow2q::fake_quant_cpu_backward", **options)
+    def fake_quant_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int,
+                            relu: bool) -> torch.Tensor:
+        lo, hi = kept_range(float(scale), qmin, qmax)
+        return torch.ops.aten.hardtanh_backward(grad, x, 0.0 if relu else lo, hi)
+
+    @torch.library.custom_op("pow2q::channel_fake_quant_cpu", **options)
+    def channel_fake_quant(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+        return _fake_quant_values(x, scale, qmin, qmax)
+
+    @torch.library.custom_op("pow2q::channel_fake_quant_cpu_backward", **options)
+    def channel_fake_quant_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, qmin: int,
+                                    qmax: int) -> torch.Tensor:
+        # weights are small: recompute the exact quotient rather than keep it from the forward
+        return torch.ops.aten.hardtanh_backward(grad, torch.mul(x, scale.reciprocal()), *kept_range(1.0, qmin, qmax))
+
+    for op in (fake_quant, channel_fake_quant):
+        op.register_fake(lambda x, *args: torch.empty_like(x))
+    for op in (fake_quant_backward, channel_fake_quant_backward):
+        op.register_fake(lambda grad, *args: torch.empty_like(grad))
+
+    def save_input_and_scale(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0], inputs[1])
+        ctx.bounds = inputs[2:]
+
+    def fake_quant_grad(ctx, grad):
+        x, scale = ctx.saved_tensors
+        return fake_quant_backward(grad, x, scale, *ctx.bounds), None, None, None, None
+
+    def channel_fake_quant_grad(ctx, grad):
+        x, scale = ctx.saved_tensors
+        return channel_fake_quant_backward(grad, x, scale, *ctx.bounds), None, None, None
+
+    fake_quant.register_autograd(fake_quant_grad, setup_context=save_input_and_scale)
+    channel_fake_quant.register_autograd(channel_fake_quant_grad, setup_context=save_input_and_scale)
+    return fake_quant, channel_fake_quant
 
 
-@torch.library.custom_op("pow2q::channel_fake_quant_cpu", mutates_args=(), tags=_ANY_LAYOUT)
-def compiled_channel_fake_quant(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """ChannelRangeMaskFakeQuantCPU's values (``scale`` broadcasts over x), for torch.compile."""
-    return torch.mul(x, scale.reciprocal()).round_().clamp_(qmin, qmax).nan_to_num_(nan=qmin).mul_(scale)
-
-
-@torch.library.custom_op("pow2q::channel_fake_quant_cpu_backward", mutates_args=(), tags=_ANY_LAYOUT)
-def _compiled_channel_fake_quant_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, qmin: int,
-                                          qmax: int) -> torch.Tensor:
-    # weights are small: recompute the exact quotient rather than keep it from the forward
-    return torch.ops.aten.hardtanh_backward(grad, torch.mul(x, scale.reciprocal()), *kept_range(1.0, qmin, qmax))
-
-
-@compiled_fake_quant.register_fake
-@compiled_channel_fake_quant.register_fake
-def _like_input(x, *args):
-    return torch.empty_like(x)
-
-
-@_compiled_fake_quant_backward.register_fake
-@_compiled_channel_fake_quant_backward.register_fake
-def _like_grad(grad, *args):
-    return torch.empty_like(grad)
-
-
-def _save_input_and_scale(ctx, inputs, output) -> None:
-    ctx.save_for_backward(inputs[0], inputs[1])
-    ctx.bounds = inputs[2:]
-
-
-def _fake_quant_grad(ctx, grad):
-    x, scale = ctx.saved_tensors
-    return _compiled_fake_quant_backward(grad, x, scale, *ctx.bounds), None, None, None, None
-
-
-def _channel_fake_quant_grad(ctx, grad):
-    x, scale = ctx.saved_tensors
-    return _compiled_channel_fake_quant_backward(grad, x, scale, *ctx.bounds), None, None, None
-
-
-compiled_fake_quant.register_autograd(_fake_quant_grad, setup_context=_save_input_and_scale)
-compiled_channel_fake_quant.register_autograd(_channel_fake_quant_grad, setup_context=_save_input_and_scale)
+compiled_fake_quant, compiled_channel_fake_quant = _define_library_ops()
 
 
 def _round_ste(t: torch.Tensor) -> torch.Tensor:

@@ -182,6 +182,31 @@ def test_quantizer_runs_the_range_mask_kernels_as_library_ops_under_compile(kind
     assert 0 < int((eager[1] == 0).sum()) < x.numel()  # some values clipped, some kept
 
 
+def test_compile_traces_the_float_mask_kernels_where_torch_has_no_library_ops(monkeypatch):
+    """Before torch 2.4 (no torch.library.custom_op) the quantizer still works under torch.compile: it traces
+    PerTensorFakeQuantCPU, the builtin per-channel kernel, and a separate ReLU; same values as eager."""
+    import quant.fake_quant as fake_quant
+    from quant.config import QuantSpec
+
+    monkeypatch.setattr(fake_quant, "compiled_fake_quant", None)
+    monkeypatch.setattr(fake_quant, "compiled_channel_fake_quant", None)
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(5)) * 4
+    g = torch.ones_like(x)
+    for per_channel in (False, True):
+        fq = fake_quant.Pow2FakeQuantize(QuantSpec(bits=8, per_channel=per_channel, ch_axis=0), signed=per_channel,
+                                         num_channels=3 if per_channel else 1)
+        fq.train()
+        fq(x)
+        fq.enable_observer(False)
+        run = fq if per_channel else fq.fake_quant_after_relu
+        eager = _grad_of(run, x, g)
+        with monkeypatch.context() as m:
+            m.setattr(torch.compiler, "is_compiling", lambda: True)
+            traced = _grad_of(run, x, g)
+        expected = "FakeQuantizePerChannelAffine" if per_channel else "PerTensorFakeQuantCPUBackward"
+        assert expected in traced[2] and torch.equal(eager[0], traced[0])
+
+
 def test_library_ops_register_consistently():
     """torch.library's own check of the pow2q ops: fake (meta) kernels, autograd registration and
     schema agree with what the kernels do."""
