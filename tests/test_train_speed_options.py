@@ -144,17 +144,27 @@ def test_cuda_runs_autotune_unless_deterministic(monkeypatch):
 
 
 def test_qat_compiles_the_forward_of_each_phase_once(tmp_path, data_yaml, monkeypatch):
-    """--compile --qat: the full prepared graph while observers run, then the frozen view (one compiled
-    wrapper each, kept across steps); checkpoints hold the plain prepared model."""
+    """--compile --qat: the plain prepared graph while the (histogram) observers run, then the compiled
+    frozen view (one wrapper, kept across steps); checkpoints hold the plain prepared model."""
     from quant.prepare import PreparedModel
 
     float_run = tmp_path / "f"
     train.run(**BASE, data=str(data_yaml), project=str(tmp_path), name="f")
     wrappers = _fake_compiler(monkeypatch)
+    plain_training_calls = []
+
+    def count(module, args):
+        if isinstance(module, PreparedModel) and module.training:
+            plain_training_calls.append(1)
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(count)
     qat = dict(BASE, epochs=2, weights=str(float_run / "weights" / "last.pt"))
-    train.run(**qat, data=str(data_yaml), project=str(tmp_path), name="q", compile=True, qat=True,
-              qat_observer_epochs=1.0, qat_calib_images=0)
-    assert len(wrappers) == 2 and isinstance(wrappers[0].module, PreparedModel)
-    assert "FrozenView" in type(wrappers[1].module).__name__
-    assert [w.calls for w in wrappers] == [2, 2]  # epoch 0 observes on the full graph, epoch 1 runs the view
+    try:
+        train.run(**qat, data=str(data_yaml), project=str(tmp_path), name="q", compile=True, qat=True,
+                  qat_observer_epochs=1.0, qat_calib_images=0)
+    finally:
+        hook.remove()
+    assert len(wrappers) == 1 and "FrozenView" in type(wrappers[0].module).__name__
+    assert wrappers[0].calls == 2  # epoch 1's steps
+    assert len(plain_training_calls) == 2  # epoch 0 observed on the plain graph, uncompiled
     assert "weight_fake_quant.exponent" in " ".join(_weights(tmp_path / "q"))
