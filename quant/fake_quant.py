@@ -111,8 +111,9 @@ class Pow2FakeQuantize(nn.Module):
 
     def fake_quant_after_relu(self, x: torch.Tensor) -> torch.Tensor:
         """``self(relu(x))`` (quant.frozen_view calls it for a fused conv's ReLU and the quantizer after it).
-        With the observer not running, for an active unsigned per-tensor quantizer on the eager CPU path,
-        it is one kernel: ReluRangeMaskFakeQuantCPU, the same values and gradient without the ReLU's passes."""
+        With the observer not running, for an active unsigned per-tensor quantizer on a float32 CPU tensor,
+        it is one kernel: ReluRangeMaskFakeQuantCPU (under torch.compile, the same kernel as the library op
+        ``pow2q::fake_quant_cpu``), the same values and gradient without the ReLU's passes."""
         compiling = torch.compiler.is_compiling()
         fused = (self.quant_min == 0 and not self.spec.per_channel and self.is_active() and self.log2_threshold is None
                  and not (self._observing and (self.training or self.calibrating)) and _cpu_float(x)

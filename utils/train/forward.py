@@ -35,7 +35,7 @@ class TrainingForward:
             forward = self.frozen_view
         elif self.compile and _observes_on_host(forward):
             # histogram observers count on the host between graphs: a compiled observing step breaks at each
-            # of them and measured 1.75x the eager one (README, 'What QAT costs per training step')
+            # of them and measured about 1.75x the eager one (README, 'What QAT costs per training step')
             return forward
         return self._compiled_version(forward) if self.compile else forward
 
