@@ -160,9 +160,9 @@ def _rows(eager: list[Variant], compiled: list[Variant], observer_every: int = 1
     labels = {v.name: v.label for v in eager}
     if observer_every > 1:
         labels["qat_observer_window"] = f"QAT, observer window, 1 in {observer_every} observed"
+        # train.py --compile runs the observed batches eager (utils.train.forward: histogram observers)
+        observed = columns["eager"]["qat_observe"]
         for ms in columns.values():
-            # train.py --compile runs the observed batches eager (utils.train.forward: histogram observers)
-            observed = columns["eager"]["qat_observe"]
             ms["qat_observer_window"] = (observed + (observer_every - 1) * ms["qat_frozen_observers"]) / observer_every
     steps = {v.name: len(v.times) for v in eager}
     rows = {}

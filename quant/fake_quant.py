@@ -269,20 +269,21 @@ class Pow2FakeQuantize(nn.Module):
 
     def _fake_quant_op(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         zero = self.zero_point if self.zero_point.device == scale.device else self.zero_point.to(scale.device)
-        compiling = torch.compiler.is_compiling()
+        cpu, compiling = _cpu_float(x), torch.compiler.is_compiling()
+        qmin, qmax = self.quant_min, self.quant_max
         if self.spec.per_channel:
-            if _cpu_float(x) and not compiling:
-                return ChannelRangeMaskFakeQuantCPU.apply(x, self._broadcast(scale, x), self.quant_min, self.quant_max)
-            if _cpu_float(x) and compiled_channel_fake_quant is not None:
-                return compiled_channel_fake_quant(x, self._broadcast(scale, x), self.quant_min, self.quant_max)
-            return torch.fake_quantize_per_channel_affine(x, scale, zero, self._axis(x), self.quant_min, self.quant_max)
-        if _cpu_float(x):
-            if not compiling:
-                return RangeMaskFakeQuantCPU.apply(x, scale, self.quant_min, self.quant_max)
-            if compiled_fake_quant is not None:
-                return compiled_fake_quant(x, scale, self.quant_min, self.quant_max, False)
-            return PerTensorFakeQuantCPU.apply(x, scale, self.quant_min, self.quant_max)  # torch < 2.4: traced
-        return torch.fake_quantize_per_tensor_affine(x, scale, zero, self.quant_min, self.quant_max)
+            if cpu and not compiling:
+                return ChannelRangeMaskFakeQuantCPU.apply(x, self._broadcast(scale, x), qmin, qmax)
+            if cpu and compiled_channel_fake_quant is not None:
+                return compiled_channel_fake_quant(x, self._broadcast(scale, x), qmin, qmax)
+            return torch.fake_quantize_per_channel_affine(x, scale, zero, self._axis(x), qmin, qmax)
+        if cpu and not compiling:
+            return RangeMaskFakeQuantCPU.apply(x, scale, qmin, qmax)
+        if cpu and compiled_fake_quant is not None:
+            return compiled_fake_quant(x, scale, qmin, qmax, False)
+        if cpu:  # torch < 2.4 has no library ops: compile traces the float-mask kernel
+            return PerTensorFakeQuantCPU.apply(x, scale, qmin, qmax)
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero, qmin, qmax)
 
     def _axis(self, x: torch.Tensor) -> int:
         axis = self.ch_axis % x.dim() if x.dim() else 0

@@ -153,6 +153,11 @@ class RangeMaskFakeQuantCPU(torch.autograd.Function):
         return torch.ops.aten.hardtanh_backward(grad, x, *ctx.kept), None, None, None
 
 
+def _fake_quant_values(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """x fake-quantized in five in-place passes over one new tensor (NaN -> qmin, as the builtin)."""
+    return torch.mul(x, scale.reciprocal()).round_().clamp_(qmin, qmax).nan_to_num_(nan=qmin).mul_(scale)
+
+
 def _range_mask_forward(ctx, x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int,
                         kept: tuple[float, float]) -> torch.Tensor:
     ctx.kept = kept
@@ -193,10 +198,6 @@ class ChannelRangeMaskFakeQuantCPU(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (units,) = ctx.saved_tensors
         return torch.ops.aten.hardtanh_backward(grad, units, *ctx.kept), None, None, None
-
-
-def _fake_quant_values(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    return torch.mul(x, scale.reciprocal()).round_().clamp_(qmin, qmax).nan_to_num_(nan=qmin).mul_(scale)
 
 
 def _define_library_ops() -> tuple[Optional[Callable], Optional[Callable]]:
