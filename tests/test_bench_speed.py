@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from bench.speed import ratios, run, training_speed
 
@@ -100,3 +101,61 @@ def test_onnx_op_cost_times_each_one_node_model(capsys):
     rows = run(shape=(1, 3, 4, 4, 85), runs=2, threads=1)
     assert len(rows) == 7 and all(ms > 0 for ms in rows.values())
     assert "Gather from a per-channel code table" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("variant", ["scatter", "concat_last"])
+def test_decode_ab_variants_decode_as_the_head_does(variant):
+    """bench.decode_ab: each joined-level decode gives Detect's own boxes, eager and through an ONNX export
+    in onnxruntime, and the patch is gone after the block."""
+    import io
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from bench.decode_ab import export_decode, joined_decode
+    from models.yolo import Detect, DetectionModel
+
+    model = DetectionModel("yolov5p.yaml", nc=3, act="relu").eval()
+    x = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        boxes, maps = model(x)
+        assert torch.allclose(joined_decode(model.model[-1], maps, variant), boxes, rtol=1e-6, atol=1e-4)
+        shipped = Detect.forward
+        with export_decode(variant):
+            assert Detect.forward is not shipped
+            assert torch.equal(model(x)[0], boxes)  # eager forwards keep the shipped decode
+            f = io.BytesIO()
+            torch.onnx.export(model, (x,), f, opset_version=17, dynamo=False, input_names=["images"],
+                              output_names=["output0"])
+        assert Detect.forward is shipped
+    ops = {n.op_type for n in onnx.load_from_string(f.getvalue()).graph.node}
+    assert ("ScatterElements" in ops) == (variant == "scatter") and "Split" not in ops
+    out = ort.InferenceSession(f.getvalue(), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
+    np.testing.assert_allclose(out, boxes.numpy(), rtol=1e-5, atol=1e-3)
+
+
+def test_observer_cost_counts_one_in_n_images_over_the_full_range(capsys):
+    """bench.observer_cost: inside counting_every(n) a histogram counts images 0, n, 2n... binned over the
+    range of the whole batch; outside it counts everything again. The histc rows and a small agreement
+    run come back complete."""
+    from bench.observer_cost import counting_every, run, subsample_agreement
+    from quant.histogram import HIST_BINS, ValueHistogram, histc_counts, needed_exponent
+
+    x = torch.rand(6, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    x[5] *= 8  # the largest values sit in an image that is not counted
+    h, whole = ValueHistogram(), ValueHistogram()
+    with counting_every(3):
+        assert h.add(x) == (float(x.min()), float(x.max()))
+    whole.add(x)
+    assert h.total == 2 * 32 and h.top == whole.top > needed_exponent(float(x[::3].max()))  # the batch's range
+    assert torch.equal(h.hist, histc_counts(x[::3].reshape(-1), whole.top, HIST_BINS))
+    again = ValueHistogram()
+    again.add(x)
+    assert again.total == x.numel()  # the patch is gone after the block
+
+    rows = run(shape=(2, 4, 8, 8), runs=2)["histc_ms"]
+    assert len(rows) == 4 and all(ms > 0 for ms in rows.values())
+    agreement = subsample_agreement((2,), imgsz=64, images=8)
+    assert agreement[0]["quantizers"] > 20 and 0 <= agreement[0]["same"] <= agreement[0]["quantizers"]
+    assert "counting 1 in 2 images" in capsys.readouterr().out
