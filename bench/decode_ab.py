@@ -1,7 +1,7 @@
 """Other ways to write the Detect head's box decode in the ONNX export, timed against the shipped one.
 
 Usage:
-    python -m bench.decode_ab --imgsz 640 320 --threads 2 --rounds 12
+    python -m bench.decode_ab --imgsz 640 320 --threads 2 --rounds 30
 
 The shipped decode (models.yolo.Detect) takes each level's sigmoid, splits it into xy / wh / the rest,
 does the box arithmetic and concatenates the three pieces back, then concatenates the levels. Both
@@ -9,7 +9,13 @@ variants here drop the per-level split and concatenation (about 1.3 ms of the IN
 
 * ``scatter``: sigmoid per level, concatenate the levels, decode the four box columns of the joined
   tensor, and write them back with one ScatterElements;
-* ``concat_last``: the same, but the decoded columns and the untouched rest are joined by one Concat.
+* ``concat_last``: the same, but the decoded columns and the untouched rest are joined by one Concat;
+* ``codes_moved`` (INT8 file only, graph surgery on the shipped one): the head output's 8-bit codes as
+  uint8 with zero point 128 (the same values as int8 with zero point 0) and the head's Slice, Transpose,
+  Reshape and Transpose moved before its DequantizeLinear, so they move bytes instead of floats.
+  (With int8 codes the same move makes onnxruntime run the head convs in float: its Conv selector wants
+  the same 8-bit type in and out, the head reads uint8 and writes int8, and only an int8
+  QuantizeLinear -> DequantizeLinear pair with nothing between gets turned into uint8 for it.)
 
 For each size the FP32 and INT8 files of every variant (bench.int8_latency.build_pair) run side by side
 in one process, and each variant's outputs are compared with the shipped decode's.
@@ -31,7 +37,60 @@ if str(ROOT) not in sys.path:
 
 from bench.qat_speed import SHARED  # noqa: E402
 
-VARIANTS = ("shipped", "scatter", "concat_last")
+VARIANTS = ("shipped", "scatter", "concat_last")  # exported decodes; codes_moved rewrites the shipped INT8 file
+MOVABLE = ("Slice", "Transpose", "Reshape", "Transpose")  # the head's ops between its codes and the sigmoid
+HEAD_SLICE_SUFFIX = "Conv_keep_channels"  # quant.qdq_onnx's Slice after a padded head conv
+
+
+def codes_moved(model):
+    """A copy of the INT8 ``model`` whose head outputs are uint8 codes with zero point 128 and whose
+    Slice/Transpose/Reshape/Transpose chain runs on those codes, before the DequantizeLinear."""
+    import onnx
+    from onnx import numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = list(out.graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    readers: dict[str, list] = {}
+    for n in nodes:
+        for name in n.input:
+            readers.setdefault(name, []).append(n)
+    out.graph.initializer.append(numpy_helper.from_array(np.array(128, np.uint8), "head_codes_zero_point"))
+    moved = 0
+    for head_slice in [n for n in nodes if n.op_type == "Slice" and n.name.endswith(HEAD_SLICE_SUFFIX)]:
+        dq = producer[head_slice.input[0]]
+        q = producer[dq.input[0]]
+        for node in (q, dq):
+            node.input.extend([""] * (3 - len(node.input)))
+            node.input[2] = "head_codes_zero_point"
+        chain, last = [], dq
+        for op in MOVABLE:
+            following = readers.get(last.output[0], [])
+            if len(following) != 1 or following[0].op_type != op:
+                break
+            last = following[0]
+            chain.append(last)
+        end = chain[-1].output[0]
+        chain[0].input[0] = q.output[0]
+        chain[-1].output[0] = dq.input[0] = f"{end}_codes"
+        dq.output[0] = end
+        moved += 1
+    if not moved:
+        raise ValueError("decode_ab: no padded head conv (Slice '*Conv_keep_channels') in the INT8 file")
+    order, ready, pending = [], {i.name for i in out.graph.input} | {i.name for i in out.graph.initializer}, nodes
+    while pending:  # topological order again: each DequantizeLinear now follows the ops it used to precede
+        runnable = [n for n in pending if all(not i or i in ready for i in n.input)]
+        if not runnable:
+            raise ValueError("decode_ab: the rewritten graph has a cycle")
+        for n in runnable:
+            order.append(n)
+            ready.update(n.output)
+        placed = {id(n) for n in runnable}
+        pending = [n for n in pending if id(n) not in placed]
+    del out.graph.node[:]
+    out.graph.node.extend(order)
+    return out
 
 
 def joined_decode(detect, maps: list[torch.Tensor], variant: str, image: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,7 +143,7 @@ def export_decode(variant: str) -> Iterator[None]:
 
 
 def run(weights: Path = SHARED / "weights" / "yolov5n.pt", imgsz: tuple[int, ...] = (640, 320), threads: int = 2,
-        rounds: int = 12, block: int = 5, raw_head: bool = False) -> list[dict]:
+        rounds: int = 30, block: int = 5, raw_head: bool = False) -> list[dict]:
     from bench.int8_latency import build_pair
     from bench.onnx_latency import side_by_side
 
@@ -99,8 +158,15 @@ def run(weights: Path = SHARED / "weights" / "yolov5n.pt", imgsz: tuple[int, ...
                 folder.mkdir()
                 with export_decode(variant):
                     files[f"fp32 {variant}"], files[f"int8 {variant}"] = build_pair(Path(weights), int(size), folder)
+            import onnx
+
+            moved = Path(tmp) / f"codes_moved_{size}.onnx"
+            onnx.save(codes_moved(onnx.load(str(files["int8 shipped"]))), str(moved))
+            files["int8 codes_moved"] = moved
             ms, outputs = side_by_side(files, int(size), threads, rounds, block)
-            for variant in VARIANTS:
+            # codes_moved rewrites the INT8 file only: its FP32 file is the shipped one
+            ms["fp32 codes_moved"], outputs["fp32 codes_moved"] = ms["fp32 shipped"], outputs["fp32 shipped"]
+            for variant in (*VARIANTS, "codes_moved"):
                 diff = max(float(np.abs(outputs[f"{kind} {variant}"][0] - outputs[f"{kind} shipped"][0]).max())
                            for kind in ("fp32", "int8"))
                 row = {"imgsz": int(size), "variant": variant, "fp32_ms": ms[f"fp32 {variant}"],

@@ -159,3 +159,32 @@ def test_observer_cost_counts_one_in_n_images_over_the_full_range(capsys):
     agreement = subsample_agreement((2,), imgsz=64, images=8)
     assert agreement[0]["quantizers"] > 20 and 0 <= agreement[0]["same"] <= agreement[0]["quantizers"]
     assert "counting 1 in 2 images" in capsys.readouterr().out
+
+
+def test_decode_ab_codes_moved_keeps_outputs_and_integer_head_convs(tmp_path):
+    """bench.decode_ab.codes_moved: the head's Slice/Transpose/Reshape/Transpose run on uint8 codes before
+    the DequantizeLinear; onnxruntime gives the same outputs and still runs every conv as QLinearConv."""
+    import collections
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from bench.decode_ab import codes_moved
+    from bench.int8_latency import SHARED, build_pair
+
+    _, int8 = build_pair(SHARED / "weights" / "yolov5n.pt", 64, tmp_path, calib=2)
+    shipped = onnx.load(str(int8))
+    moved = codes_moved(shipped)
+    heads = [n for n in moved.graph.node if n.op_type == "DequantizeLinear" and "head_codes_zero_point" in n.input]
+    assert len(heads) == 3 and all(n.input[0].endswith("_codes") for n in heads)
+    x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
+    outs, kernels = [], []
+    for i, model in enumerate((shipped, moved)):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"optimized_{i}.onnx")
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        outs.append(session.run(None, {session.get_inputs()[0].name: x})[0])
+        kernels.append(collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node))
+    assert np.array_equal(outs[0], outs[1])
+    assert kernels[1]["QLinearConv"] == kernels[0]["QLinearConv"] == 60 and kernels[1]["Conv"] == 0
