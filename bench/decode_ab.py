@@ -181,4 +181,7 @@ def run(weights: Path = SHARED / "weights" / "yolov5n.pt", imgsz: tuple[int, ...
 if __name__ == "__main__":
     from bench.onnx_latency import run_ab_cli
 
-    run_ab_cli(run, __doc__)
+    try:
+        run_ab_cli(run, __doc__)
+    except ValueError as err:  # (--raw-head, or a file without the padded head)
+        sys.exit(str(err))
