@@ -71,6 +71,8 @@ def codes_moved(model):
                 break
             last = following[0]
             chain.append(last)
+        if not chain:
+            continue
         end = chain[-1].output[0]
         chain[0].input[0] = q.output[0]
         chain[-1].output[0] = dq.input[0] = f"{end}_codes"
