@@ -46,27 +46,23 @@ def codes_moved(model):
     """A copy of the INT8 ``model`` whose head outputs are uint8 codes with zero point 128 and whose
     Slice/Transpose/Reshape/Transpose chain runs on those codes, before the DequantizeLinear."""
     import onnx
-    from onnx import numpy_helper
+
+    from quant.qdq_onnx import _Graph
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    nodes = list(out.graph.node)
-    producer = {o: n for n in nodes for o in n.output}
-    readers: dict[str, list] = {}
-    for n in nodes:
-        for name in n.input:
-            readers.setdefault(name, []).append(n)
-    out.graph.initializer.append(numpy_helper.from_array(np.array(128, np.uint8), "head_codes_zero_point"))
+    g = _Graph(out)
+    zero_point = g.add_init(np.array(128, np.uint8), "head_codes_zero_point")
     moved = 0
-    for head_slice in [n for n in nodes if n.op_type == "Slice" and n.name.endswith(HEAD_SLICE_SUFFIX)]:
-        dq = producer[head_slice.input[0]]
-        q = producer[dq.input[0]]
+    for head_slice in [n for n in g.graph.node if n.op_type == "Slice" and n.name.endswith(HEAD_SLICE_SUFFIX)]:
+        dq = g.producer[head_slice.input[0]]
+        q = g.producer[dq.input[0]]
         for node in (q, dq):
             node.input.extend([""] * (3 - len(node.input)))
-            node.input[2] = "head_codes_zero_point"
+            node.input[2] = zero_point
         chain, last = [], dq
         for op in MOVABLE:
-            following = readers.get(last.output[0], [])
+            following = g.users(last.output[0])
             if len(following) != 1 or following[0].op_type != op:
                 break
             last = following[0]
@@ -75,23 +71,15 @@ def codes_moved(model):
             continue
         end = chain[-1].output[0]
         chain[0].input[0] = q.output[0]
-        chain[-1].output[0] = dq.input[0] = f"{end}_codes"
-        dq.output[0] = end
+        chain[-1].output[0] = f"{end}_codes"
+        after = onnx.NodeProto()
+        after.CopyFrom(dq)
+        after.input[0], after.output[0] = f"{end}_codes", end
+        g.graph.node.remove(dq)  # the DequantizeLinear now follows the ops it used to precede
+        g.graph.node.insert(list(g.graph.node).index(chain[-1]) + 1, after)
         moved += 1
     if not moved:
         raise ValueError("decode_ab: no padded head conv (Slice '*Conv_keep_channels') in the INT8 file")
-    order, ready, pending = [], {i.name for i in out.graph.input} | {i.name for i in out.graph.initializer}, nodes
-    while pending:  # topological order again: each DequantizeLinear now follows the ops it used to precede
-        runnable = [n for n in pending if all(not i or i in ready for i in n.input)]
-        if not runnable:
-            raise ValueError("decode_ab: the rewritten graph has a cycle")
-        for n in runnable:
-            order.append(n)
-            ready.update(n.output)
-        placed = {id(n) for n in runnable}
-        pending = [n for n in pending if id(n) not in placed]
-    del out.graph.node[:]
-    out.graph.node.extend(order)
     return out
 
 
@@ -146,6 +134,8 @@ def export_decode(variant: str) -> Iterator[None]:
 
 def run(weights: Path = SHARED / "weights" / "yolov5n.pt", imgsz: tuple[int, ...] = (640, 320), threads: int = 2,
         rounds: int = 30, block: int = 5, raw_head: bool = False) -> list[dict]:
+    import onnx
+
     from bench.int8_latency import build_pair
     from bench.onnx_latency import side_by_side
 
@@ -160,8 +150,6 @@ def run(weights: Path = SHARED / "weights" / "yolov5n.pt", imgsz: tuple[int, ...
                 folder.mkdir()
                 with export_decode(variant):
                     files[f"fp32 {variant}"], files[f"int8 {variant}"] = build_pair(Path(weights), int(size), folder)
-            import onnx
-
             moved = Path(tmp) / f"codes_moved_{size}.onnx"
             onnx.save(codes_moved(onnx.load(str(files["int8 shipped"]))), str(moved))
             files["int8 codes_moved"] = moved

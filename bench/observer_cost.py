@@ -57,15 +57,10 @@ def counting_every(n: int) -> Iterator[None]:
 
     def add(self, x: torch.Tensor) -> Optional[tuple[float, float]]:
         values = h.finite_range(x)
-        if values is None or n == 1 or x.dim() != 4 or x.shape[0] < n:
-            return shipped(self, x)
-        counted = h.finite_range(x.detach()[::n])
-        if counted is None:
-            return shipped(self, x)
-        hist = self.hist if self.hist is not None else h.empty_histogram(x.device)
-        self.hist, self.top = h.add_to_histogram(hist, self.top, x, (counted[0], values[1], values[2]))
-        self.total += counted[0].numel()
-        self.negatives = self.negatives or values[1] < 0
+        if values is None:
+            return None
+        counted = h.finite_range(x.detach()[::n]) if n > 1 and x.dim() == 4 and x.shape[0] >= n else None
+        self.add_values(values if counted is None else (counted[0], values[1], values[2]), x.device)
         return values[1], values[2]
 
     h.ValueHistogram.add = add

@@ -209,15 +209,20 @@ class ValueHistogram:
         values = finite_range(x)
         if values is None:
             return None
+        self.add_values(values, x.device)
+        return values[1], values[2]
+
+    def add_values(self, values: tuple[torch.Tensor, float, float], device: torch.device) -> None:
+        """Count ``values`` as :func:`finite_range` returns them: (finite float32 values, min, max), the
+        range covering the values (bench.observer_cost passes a subset of a tensor with the whole range)."""
         hist = self.hist
         if hist is None:
-            hist = empty_histogram(x.device)
-        elif hist.device != x.device:
-            hist = hist.to(x.device)
-        self.hist, self.top = add_to_histogram(hist, self.top, x, values)
+            hist = empty_histogram(device)
+        elif hist.device != device:
+            hist = hist.to(device)
+        self.hist, self.top = add_to_histogram(hist, self.top, values[0], values)
         self.total += values[0].numel()
         self.negatives = self.negatives or values[1] < 0
-        return values[1], values[2]
 
     def mse_exponent(self, exponents: Sequence[int], bits: int, signed: bool) -> int:
         """The candidate with the smallest error; ties go to the smaller (finer) exponent."""
