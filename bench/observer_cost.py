@@ -6,7 +6,8 @@ Usage:
 
 Counting (torch.histc) is most of what an observed QAT step adds (notes/qat_speed.md). Two questions:
 
-* the histc rows: histc over [0, 2**top] on values after a ReLU, and on signed values (about half of
+* the counting rows: histc and bincount side by side (quant.histogram times both once per process
+  and counts with the faster); histc over [0, 2**top] on values after a ReLU, and on signed values (about half of
   them below the range, which histc skips), so whether a ReLU-folded quantizer could count relu(x)
   from x;
 * ``--subsample``: PTQ calibration of yolov5n (ReLU) on coco128 images with the default recipe, once
@@ -35,14 +36,22 @@ BINS = 2 ** 15  # quant.histogram.HIST_BINS
 
 
 def histc_rows(shape: tuple[int, ...] = (8, 32, 80, 80), runs: int = 30) -> dict[str, float]:
-    """Median ms of torch.histc over [0, 8] on one activation-sized tensor, by what its values are."""
+    """Median ms of counting one activation-sized tensor over [0, 8] into HIST_BINS bins, by counter
+    (torch.histc, or the int32 bincount quant.histogram uses where histc is slower) and by what its
+    values are."""
+    from quant.histogram import _add_bincount, _add_histc
+
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).reshape(-1)
     after_relu = x.clamp_min(0)
+    hi = float(after_relu.max())
+    row = torch.zeros(BINS, dtype=torch.float64)
     rows = {
         "histc, values after a ReLU": lambda: torch.histc(after_relu, BINS, 0.0, 8.0),
         "histc, signed values (half below the range)": lambda: torch.histc(x, BINS, 0.0, 8.0),
         "clamp_min(0), then histc": lambda: torch.histc(x.clamp_min(0), BINS, 0.0, 8.0),
         "clamp_min(0) alone": lambda: x.clamp_min(0),
+        "histogram counter 'histc' (into a float64 row)": lambda: _add_histc(row, after_relu, 3, hi),
+        "histogram counter 'bincount' (int32 indices)": lambda: _add_bincount(row, after_relu, 3, hi),
     }
     return timed(rows, runs)
 
@@ -108,8 +117,12 @@ def run(shape: tuple[int, ...] = (8, 32, 80, 80), runs: int = 30, subsample: Seq
         images: int = 64) -> dict:
     rows = histc_rows(shape, runs)
     for name, ms in rows.items():
-        print(f"{name:<46}{ms:8.2f} ms", flush=True)
-    result: dict = {"histc_ms": rows}
+        print(f"{name:<50}{ms:8.2f} ms", flush=True)
+    from quant.histogram import histc_is_faster
+
+    picked = "histc" if histc_is_faster() else "bincount"
+    print(f"quant.histogram counts with {picked!r} on this machine", flush=True)
+    result: dict = {"histc_ms": rows, "counter": picked}
     if subsample:
         result["subsample"] = subsample_agreement(subsample, images=images)
     return result

@@ -86,7 +86,7 @@ def add_to_histogram(hist: torch.Tensor, top: Optional[int], x: torch.Tensor,
         top = need
     elif need > top:
         hist, top = widen(hist, need - top), need
-    _add_counts(hist, xf, lo, top)
+    _add_counts(hist, xf, lo, hi, top)
     return hist, top
 
 
@@ -94,32 +94,66 @@ def add_to_histogram(hist: torch.Tensor, top: Optional[int], x: torch.Tensor,
 _HISTC_CHUNK = 2 ** 24
 
 
-def _add_counts(hist: torch.Tensor, xf: torch.Tensor, lo: float, top: int) -> None:
+def _add_counts(hist: torch.Tensor, xf: torch.Tensor, lo: float, hi: float, top: int) -> None:
     """Add the counts of the finite float32 values ``xf`` (all within 2**top in magnitude, none below
-    ``lo``) to the (2, bins) float64 ``hist``: row 0 the magnitudes of values >= 0 (-0.0 included), row 1
+    ``lo`` or above ``hi``) to the (2, bins) float64 ``hist``: row 0 the magnitudes of values >= 0 (-0.0 included), row 1
     those of negative values.
 
     The bin of v is floor(|v| * bins / 2**top): a multiplication by a power of two and a floor, both
     exact, so a value lands in the same bin whatever range it is binned at (widening stays exact)."""
     if xf.device.type == "cpu" and lo >= 0:  # (histc on CUDA is not deterministic)
-        _add_histc(hist[0], xf, top)
+        add_nonnegative = _add_histc if histc_is_faster() else _add_bincount
+        add_nonnegative(hist[0], xf, top, hi)
     else:
         hist += bincount_counts(xf, top, hist.shape[1])
 
 
-def _add_histc(row: torch.Tensor, xf: torch.Tensor, top: int) -> None:
+def _add_histc(row: torch.Tensor, xf: torch.Tensor, top: int, hi: float) -> None:
     """Add the counts of non-negative values to the float64 ``row`` by torch.histc, which computes exactly
-    the bin index above in one pass (no index tensor): about 2x faster than bincount on the CPU. (For
-    signed values two passes and the zeros' correction cost more than bincount.)"""
+    the bin index above in one pass (no index tensor). (For signed values two passes and the zeros'
+    correction cost more than bincount.)"""
     for chunk in xf.split(_HISTC_CHUNK):
         row += torch.histc(chunk, row.numel(), 0.0, 2.0 ** top)
 
 
-def histc_counts(xf: torch.Tensor, top: int, bins: int) -> torch.Tensor:
-    """(2, bins) float64 counts of non-negative values as the CPU path adds them (the layout of
-    :func:`bincount_counts`, which tests compare it with)."""
+def _add_bincount(row: torch.Tensor, xf: torch.Tensor, top: int, hi: float) -> None:
+    """The same counts as :func:`_add_histc`, by bincount over int32 bin indices (truncation is the floor
+    for values >= 0); only a largest value ``hi`` of exactly 2**top needs the clamp into the last bin."""
+    bins = row.numel()
+    index = xf * (bins / 2.0 ** top)
+    if hi >= 2.0 ** top:
+        index.clamp_(max=bins - 1)
+    row += torch.bincount(index.to(torch.int32), minlength=bins)
+
+
+@functools.lru_cache(maxsize=1)
+def histc_is_faster() -> bool:
+    """Whether torch.histc counts non-negative float32 values faster than bincount on this CPU, timed once
+    per process on 2**20 values (about 30 ms). Both give the same counts; which is faster depends on the
+    CPU: on the Intel machine of notes/qat_speed.md histc was about 2x faster, on an AVX2-only AMD EPYC
+    it was 4x slower (``python -m bench.observer_cost``)."""
+    import time
+
+    x = torch.rand(2 ** 20, generator=torch.Generator().manual_seed(0)) * 7.5
+    row = torch.zeros(HIST_BINS, dtype=torch.float64)
+
+    def best_ms(add) -> float:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            add(row, x, 3, 7.5)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best_ms(_add_histc) < best_ms(_add_bincount)
+
+
+def nonnegative_counts(xf: torch.Tensor, top: int, bins: int, by: str = "histc") -> torch.Tensor:
+    """(2, bins) float64 counts of non-negative values as the CPU path adds them, ``by`` 'histc' or
+    'bincount' (the layout of :func:`bincount_counts`, which tests compare both with)."""
     hist = torch.zeros(2, bins, dtype=torch.float64, device=xf.device)
-    _add_histc(hist[0], xf, top)
+    add = {"histc": _add_histc, "bincount": _add_bincount}[by]
+    add(hist[0], xf, top, float(xf.max()) if xf.numel() else 0.0)
     return hist
 
 

@@ -9,7 +9,7 @@ from quant.calibrate import calibrate
 from quant.config import QuantConfig, QuantSpec
 from quant.fake_quant import Pow2FakeQuantize
 from quant.histogram import (HIST_BINS, ValueHistogram, add_to_histogram, bin_centres, bincount_counts,
-                             candidate_errors, empty_histogram, histc_counts, percentile_bound, widen)
+                             candidate_errors, empty_histogram, histc_is_faster, nonnegative_counts, percentile_bound, widen)
 from quant.prepare import prepare
 from quant.schedule import iter_quantizers
 
@@ -87,7 +87,11 @@ def test_value_histogram_keeps_its_count_and_sign_and_picks_the_same_exponent():
     assert h.empty and h.total == 0 and not h.negatives
 
 
-def test_histc_counts_equal_bincount_counts_on_bin_edges():
+@pytest.mark.parametrize("by", ["histc", "bincount"])
+def test_nonnegative_counters_equal_bincount_counts_on_bin_edges(by):
+    """Both CPU counters of non-negative values (histogram.histc_is_faster picks one per machine) bin every
+    value as bincount_counts does: on bin edges, at exactly 2**top (the last bin), and with the largest
+    value below 2**top (where the bincount counter skips its clamp)."""
     gen = torch.Generator().manual_seed(6)
     top = 3
     edge = 2.0 ** top
@@ -95,9 +99,29 @@ def test_histc_counts_equal_bincount_counts_on_bin_edges():
     x = torch.cat([torch.randn(50000, generator=gen).clamp(-edge, edge), torch.randn(2000, generator=gen).half().float(),
                    torch.tensor([edge, 0.0, -0.0, width, 3 * width, edge - width / 2, edge / 2])]).abs()
     x[:7] = torch.tensor([0.0, -0.0, -0.0, edge, edge, width, width])  # abs() would turn -0.0 into 0.0
-    counts = histc_counts(x, top, HIST_BINS)
-    assert torch.equal(counts, bincount_counts(x, top, HIST_BINS))
-    assert float(counts.sum()) == x.numel()
+    below = x[x < edge - width / 2]
+    for values in (x, below):
+        counts = nonnegative_counts(values, top, HIST_BINS, by)
+        assert torch.equal(counts, bincount_counts(values, top, HIST_BINS))
+        assert float(counts.sum()) == values.numel()
+    assert int(nonnegative_counts(x, top, HIST_BINS, by)[0, -1]) >= 2  # the two values at exactly 2**top
+
+
+def test_histogram_counts_the_same_whichever_counter_the_machine_picks(monkeypatch):
+    import quant.histogram as histogram
+
+    histc_is_faster.cache_clear()
+    first = histc_is_faster()
+    assert isinstance(first, bool) and histc_is_faster() is first  # timed once per process
+    x = torch.randn(4, 8, 16, 16, generator=torch.Generator().manual_seed(1)).relu() * 3
+    got = []
+    for pick in (True, False):
+        monkeypatch.setattr(histogram, "histc_is_faster", lambda pick=pick: pick)
+        h = ValueHistogram()
+        for scale in (1.0, 4.0):  # the second batch widens the range
+            h.add(x * scale)
+        got.append((h.top, h.hist))
+    assert got[0][0] == got[1][0] and torch.equal(got[0][1], got[1][1])
 
 
 def test_mse_exponent_picks_the_known_optimum_not_the_max():
