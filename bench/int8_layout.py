@@ -28,7 +28,7 @@ def layout_variants(plain: Path, folder: Path) -> dict[str, Path]:
     """The plain QDQ file and its rewritten copies, by name."""
     import onnx
 
-    from quant.qdq_onnx import _Graph, _pad_output_channels, _space_to_depth_stem
+    from quant.qdq_onnx import _drop_unused_initializers, _Graph, _pad_output_channels, _space_to_depth_stem
 
     files = {PLAIN: plain}
     for name, passes in (("int8, head padded", [_pad_output_channels]), ("int8, space-to-depth stem", [_space_to_depth_stem]),
@@ -37,6 +37,7 @@ def layout_variants(plain: Path, folder: Path) -> dict[str, Path]:
         for rewrite in passes:
             if not rewrite(_Graph(model)):
                 raise ValueError(f"{plain}: {rewrite.__name__} found nothing to rewrite")
+        _drop_unused_initializers(_Graph(model))  # as quant.qdq_onnx.finalize_qdq_onnx ends
         files[name] = folder / f"{plain.stem}_{len(files)}.onnx"
         onnx.save(model, str(files[name]))
     return files

@@ -23,13 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def time_onnx(file: str | Path, batch_size: int = 1, imgsz: int | None = None, iters: int = 50,
-              warmup: int = 5, threads: int = 0) -> dict:
-    """Median/mean ms per batch and images/s of one ONNX file on onnxruntime's CPU provider."""
+              warmup: int = 5, threads: int = 0, exact_int8: bool = True) -> dict:
+    """Median/mean ms per batch and images/s of one ONNX file on onnxruntime's CPU provider (``exact_int8``:
+    see utils.export.onnx_backend.load_onnx_model)."""
     import numpy as np
 
     from utils.export.onnx_backend import load_onnx_model
 
-    model, meta = load_onnx_model(file, "cpu", threads=threads, spin=True)
+    model, meta = load_onnx_model(file, "cpu", threads=threads, spin=True, exact_int8=exact_int8)
     if iters < 1 or warmup < 0:
         raise ValueError(f"--iters {iters} / --warmup {warmup}: need iters >= 1 and warmup >= 0")
     h, w = meta["imgsz"] if meta["imgsz"][0] and meta["imgsz"][1] else (640, 640)

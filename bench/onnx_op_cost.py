@@ -33,9 +33,9 @@ def _model(node, inputs: list, output, initializers: tuple = ()) -> bytes:
 def _median_ms(model: bytes, feeds: dict, runs: int, threads: int) -> float:
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    from utils.export.onnx_backend import session_options
+
+    session = ort.InferenceSession(model, session_options(ort, threads), providers=["CPUExecutionProvider"])
     for _ in range(10):
         session.run(None, feeds)
     times = []

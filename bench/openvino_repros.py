@@ -176,6 +176,7 @@ def run(save: str = "") -> dict[str, dict[str, tuple[float, float]]]:
     import onnxruntime as ort
 
     from quant.qdq_onnx import openvino_guards
+    from utils.export.onnx_backend import session_options
 
     try:
         import openvino as ov
@@ -190,7 +191,7 @@ def run(save: str = "") -> dict[str, dict[str, tuple[float, float]]]:
             Path(save).mkdir(parents=True, exist_ok=True)
             onnx.save(model, str(Path(save) / f"{name}.onnx"))
         want = reference(inputs)
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(model.SerializeToString(), session_options(ort), providers=["CPUExecutionProvider"])
         results[name] = {"onnxruntime": steps_off(session.run(None, inputs)[0], want, step)}
         if ov is not None:
             version = ov.__version__.split("-")[0]

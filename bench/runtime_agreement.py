@@ -5,7 +5,9 @@ Usage:
 
 Every runtime is compared with onnxruntime running with all graph optimisations off (each
 QuantizeLinear/DequantizeLinear on its own: the ONNX specification's arithmetic): onnxruntime with all
-optimisations (what users get), and OpenVINO's CPU plugin with its default settings when the
+optimisations as this project runs it (exact 8-bit kernels, utils.export.onnx_backend.EXACT_INT8_CONFIG),
+the same without that session option (a session left at onnxruntime's defaults: on x86 CPUs without
+VNNI its fast kernels saturate), and OpenVINO's CPU plugin with its default settings when the
 ``openvino`` package is installed (it is not a dependency; without it that line is skipped with a
 notice). Per head level: the largest difference in quantization steps, the fraction of values more
 than one step apart and the fraction not identical (utils.export.onnx_runtimes says how the steps are read
@@ -99,6 +101,9 @@ def run(onnx_file: str = "", imgsz: int = 320, n_images: int = 8, images: Option
         "ort_ops": dict(ops)}
     ort_all = onnxruntime_runner(path, optimize=True)
     results["onnxruntime"] = compare_runs(reference, [ort_all(x) for x in batches], codes_of, conf_thres, iou_thres)
+    ort_default = onnxruntime_runner(path, optimize=True, exact_int8=False)
+    results["onnxruntime_default_kernels"] = compare_runs(reference, [ort_default(x) for x in batches], codes_of,
+                                                          conf_thres, iou_thres)
     ov = openvino_runner(path)
     if ov is not None:
         results["openvino_version"] = ov[1]
@@ -107,6 +112,8 @@ def run(onnx_file: str = "", imgsz: int = 320, n_images: int = 8, images: Option
           f"{onnxruntime.__version__} optimised graph: {kernels.integer} QLinearConv, {kernels.float} float Conv")
     print(f"reference: onnxruntime, graph optimisations off ({results['onnxruntime']['ref_boxes']} boxes)")
     print(_line("onnxruntime (all optimisations)", results["onnxruntime"]))
+    print(_line("  without x64quantprecision", results["onnxruntime_default_kernels"])
+          + " (onnxruntime's default 8-bit kernels: they saturate on x86 CPUs without VNNI)")
     if ov is None:
         print("openvino: not installed, skipped (pip install openvino, in its own environment)")
     else:

@@ -68,7 +68,10 @@ def _attr(node: Any, name: str, default: Any = None) -> Any:
 
 
 def _fold_weight_quantizers(g: _Graph) -> int:
-    """QuantizeLinear(float initializer) -> int8 initializer read directly by the DequantizeLinear."""
+    """QuantizeLinear(float initializer) -> int8 initializer read directly by the DequantizeLinear, with
+    a zero point of its own: the exporter shares equal constants between layers, and onnxruntime's exact
+    8-bit mode (utils.export.onnx_backend.EXACT_INT8_CONFIG) rewrites each conv's weight zero point, which
+    fails when two convs share it ('Attempt to replace the existing tensor', onnxruntime 1.32)."""
     done = 0
     for node in [n for n in g.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in g.inits]:
         w, scale, zero = g.value(node.input[0]), g.value(node.input[1]), g.value(node.input[2])
@@ -81,6 +84,8 @@ def _fold_weight_quantizers(g: _Graph) -> int:
         name = g.add_init(np.clip(codes, info.min, info.max).astype(zero.dtype), f"{node.input[0]}_quantized")
         for user in g.users(node.output[0]):
             user.input[list(user.input).index(node.output[0])] = name
+            if user.op_type == "DequantizeLinear" and len(user.input) > 2:
+                user.input[2] = g.add_init(zero.copy(), f"{node.input[0]}_zero_point")
         g.graph.node.remove(node)
         done += 1
     return done
@@ -245,7 +250,16 @@ def _space_to_depth_stem(g: _Graph) -> int:
 
 
 def _drop_unused_initializers(g: _Graph) -> None:
-    used = {i for n in g.graph.node for i in n.input} | {o.name for o in g.graph.output}
+    """Remove initializers nothing reads, and the exporter's Identity copies of constants that nothing
+    reads any more."""
+    outputs = {o.name for o in g.graph.output}
+    while True:
+        used = {i for n in g.graph.node for i in n.input} | outputs
+        dead = [n for n in g.graph.node if n.op_type == "Identity" and not (set(n.output) & used)]
+        if not dead:
+            break
+        for node in dead:
+            g.graph.node.remove(node)
     for init in [i for i in g.graph.initializer if i.name not in used]:
         g.graph.initializer.remove(init)
 

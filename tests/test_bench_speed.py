@@ -115,6 +115,7 @@ def test_decode_ab_variants_decode_as_the_head_does(variant):
 
     from bench.decode_ab import export_decode, joined_decode
     from models.yolo import Detect, DetectionModel
+    from utils.export.onnx_backend import session_options
 
     model = DetectionModel("yolov5p.yaml", nc=3, act="relu").eval()
     x = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
@@ -131,7 +132,8 @@ def test_decode_ab_variants_decode_as_the_head_does(variant):
         assert Detect.forward is shipped
     ops = {n.op_type for n in onnx.load_from_string(f.getvalue()).graph.node}
     assert ("ScatterElements" in ops) == (variant == "scatter") and "Split" not in ops
-    out = ort.InferenceSession(f.getvalue(), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
+    out = ort.InferenceSession(f.getvalue(), session_options(ort), providers=["CPUExecutionProvider"]).run(
+        None, {"images": x.numpy()})[0]
     np.testing.assert_allclose(out, boxes.numpy(), rtol=1e-5, atol=1e-3)
 
 
@@ -140,7 +142,7 @@ def test_observer_cost_counts_one_in_n_images_over_the_full_range(capsys):
     range of the whole batch; outside it counts everything again. The histc rows and a small agreement
     run come back complete."""
     from bench.observer_cost import counting_every, run, subsample_agreement
-    from quant.histogram import HIST_BINS, ValueHistogram, histc_counts, needed_exponent
+    from quant.histogram import HIST_BINS, ValueHistogram, nonnegative_counts, needed_exponent
 
     x = torch.rand(6, 2, 4, 4, generator=torch.Generator().manual_seed(0))
     x[5] *= 8  # the largest values sit in an image that is not counted
@@ -149,13 +151,14 @@ def test_observer_cost_counts_one_in_n_images_over_the_full_range(capsys):
         assert h.add(x) == (float(x.min()), float(x.max()))
     whole.add(x)
     assert h.total == 2 * 32 and h.top == whole.top > needed_exponent(float(x[::3].max()))  # the batch's range
-    assert torch.equal(h.hist, histc_counts(x[::3].reshape(-1), whole.top, HIST_BINS))
+    assert torch.equal(h.hist, nonnegative_counts(x[::3].reshape(-1), whole.top, HIST_BINS))
     again = ValueHistogram()
     again.add(x)
     assert again.total == x.numel()  # the patch is gone after the block
 
-    rows = run(shape=(2, 4, 8, 8), runs=2)["histc_ms"]
-    assert len(rows) == 4 and all(ms > 0 for ms in rows.values())
+    result = run(shape=(2, 4, 8, 8), runs=2)
+    assert len(result["histc_ms"]) == 6 and all(ms > 0 for ms in result["histc_ms"].values())
+    assert result["counter"] in {"histc", "bincount"}
     agreement = subsample_agreement((2,), imgsz=64, images=8)
     assert agreement[0]["quantizers"] > 20 and 0 <= agreement[0]["same"] <= agreement[0]["quantizers"]
     assert "counting 1 in 2 images" in capsys.readouterr().out
@@ -172,6 +175,7 @@ def test_decode_ab_codes_moved_keeps_outputs_and_integer_head_convs(tmp_path):
 
     from bench.decode_ab import codes_moved
     from bench.int8_latency import SHARED, build_pair
+    from utils.export.onnx_backend import session_options
 
     _, int8 = build_pair(SHARED / "weights" / "yolov5n.pt", 64, tmp_path, calib=2)
     shipped = onnx.load(str(int8))
@@ -181,7 +185,7 @@ def test_decode_ab_codes_moved_keeps_outputs_and_integer_head_convs(tmp_path):
     x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
     outs, kernels = [], []
     for i, model in enumerate((shipped, moved)):
-        options = ort.SessionOptions()
+        options = session_options(ort)
         options.optimized_model_filepath = str(tmp_path / f"optimized_{i}.onnx")
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         outs.append(session.run(None, {session.get_inputs()[0].name: x})[0])

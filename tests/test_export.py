@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 import export  # noqa: E402
 from utils.export.job import export_weights, names_from_data, normalise_imgsz  # noqa: E402
-from utils.export.onnx_backend import decode_raw_maps, import_optional, load_onnx_model, parse_metadata  # noqa: E402
+from utils.export.onnx_backend import decode_raw_maps, import_optional, load_onnx_model, parse_metadata, session_options  # noqa: E402
 from utils.export.onnx_check import FLOAT_TOL, compare_outputs  # noqa: E402
 from utils.export.onnx_export import ExportError, check_include, simplify_onnx  # noqa: E402
 from utils.qat import load_model  # noqa: E402
@@ -59,7 +59,7 @@ def torch_model(shared_dir):
 
 
 def _session(file):
-    return ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(file), session_options(ort), providers=["CPUExecutionProvider"])
 
 
 def test_static_export_file_metadata_and_check(static320, torch_model):

@@ -15,6 +15,7 @@ from models.yolo import DetectionModel  # noqa: E402
 from quant.schedule import iter_quantizers  # noqa: E402
 from utils.checkpoint import make_checkpoint, save_checkpoint  # noqa: E402
 from utils.export.job import export_weights  # noqa: E402
+from utils.export.onnx_backend import session_options  # noqa: E402
 from utils.qat import prepare_qat_model, qat_checkpoint_entry  # noqa: E402
 
 
@@ -133,7 +134,29 @@ def test_runtime_agreement_bench_on_the_export(exported, shared_dir, monkeypatch
     assert (out["ort_qlinearconv"], out["ort_float_conv"]) == (60, 0) and out["head_steps"] == [1 / 16] * 3
     assert all(lv["max_steps"] == 0 for lv in out["onnxruntime"]["levels"]) and "openvino" not in out
     assert out["onnxruntime"]["matched"] == out["onnxruntime"]["boxes"] == out["onnxruntime"]["ref_boxes"]
-    assert "openvino: not installed" in capsys.readouterr().out
+    assert len(out["onnxruntime_default_kernels"]["levels"]) == 3  # its agreement depends on the CPU (VNNI or not)
+    printed = capsys.readouterr().out
+    assert "openvino: not installed" in printed and "without x64quantprecision" in printed
+
+
+def test_exact_int8_session_option_and_unshared_weight_zero_points(exported):
+    """Every session the project opens asks onnxruntime for exact 8-bit kernels (on x86 CPUs without VNNI
+    its default ones saturate); that mode rewrites each conv's weight zero point, so the export gives every
+    weight DequantizeLinear a zero point of its own (shared ones made onnxruntime 1.32 fail to load it)."""
+    import onnxruntime as ort
+
+    from utils.export.onnx_backend import EXACT_INT8_CONFIG
+
+    key, value = EXACT_INT8_CONFIG
+    assert session_options(ort).get_session_config_entry(key) == value
+    assert session_options(ort, exact_int8=False, threads=1).intra_op_num_threads == 1
+    _, result, model = exported
+    inits = {i.name for i in model.graph.initializer}
+    weight_dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized")
+                  and n.input[0] in inits and len(n.input) > 2]
+    zero_points = [n.input[2] for n in weight_dqs]
+    assert len(weight_dqs) >= 60 and len(set(zero_points)) == len(zero_points) and set(zero_points) <= inits
+    ort.InferenceSession(str(result.file), session_options(ort), providers=["CPUExecutionProvider"])
 
 
 def test_openvino_guards_are_exact_and_keep_integer_kernels(exported, tmp_path):
@@ -158,7 +181,7 @@ def test_openvino_guards_are_exact_and_keep_integer_kernels(exported, tmp_path):
     ops = ort_optimized_ops(path)
     assert conv_kernels(ops) == ConvKernels(integer=60, float=0) and ops["QLinearAdd"] == len(residual)
     x = {"images": np.random.default_rng(0).random((1, 3, 64, 96), dtype=np.float32)}
-    outputs = [ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    outputs = [ort.InferenceSession(str(f), session_options(ort), providers=["CPUExecutionProvider"]).run(None, x)[0]
                for f in (result.file, path)]
     assert np.array_equal(*outputs)
 

@@ -10,6 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from quant.qdq_onnx import CHANNEL_BLOCK, _Graph, _pad_output_channels, _space_to_depth_stem, check_qdq_structure
+from utils.export.onnx_backend import session_options
 
 
 def _qdq_conv_model(kernel: int, stride: int, pad: int, in_c: int = 3, out_c: int = 8, seed: int = 0):
@@ -49,7 +50,8 @@ def _qdq_conv_model(kernel: int, stride: int, pad: int, in_c: int = 3, out_c: in
 def _run(model, x):
     import onnxruntime as ort
 
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+    options = session_options(ort)  # exact 8-bit kernels on every x86 CPU, as the project's sessions
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
 
 
 def _copy(model):
@@ -76,9 +78,8 @@ def test_space_to_depth_stem_is_exact(kernel, pad):
     expected = _run(model, x)
     assert expected.shape[2:] == ((32 + 2 * pad - kernel) // 2 + 1, (48 + 2 * pad - kernel) // 2 + 1)
     assert np.array_equal(_run(rewritten, x), expected)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    reference = ort.InferenceSession(rewritten.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    reference = ort.InferenceSession(rewritten.SerializeToString(), session_options(ort, optimize=False),
+                                     providers=["CPUExecutionProvider"])
     assert np.array_equal(reference.run(None, {"images": x})[0], expected)
 
 

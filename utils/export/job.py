@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from utils.export.onnx_backend import import_optional
+from utils.export.onnx_backend import import_optional, session_options
 from utils.export.onnx_check import FLOAT_TOL, HALF_TOL, CheckResult, sample_batch, verify_onnx
 from utils.export.onnx_export import (ExportError, OnnxOptions, build_metadata, check_include, export_onnx_float,
                                export_onnx_qdq, prepare_for_export)
@@ -162,7 +162,8 @@ def verify_qdq(file: Path, prepared: torch.nn.Module, inputs: list[torch.Tensor]
     with tempfile.TemporaryDirectory() as tmp:
         raw = _raw_twin(file, prepared, inputs[0], options, Path(tmp), converted)
         steps = output_steps(onnx.load(str(raw)))
-        sessions = [ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]) for f in dict.fromkeys([raw, file])]
+        sessions = [ort.InferenceSession(str(f), session_options(ort), providers=["CPUExecutionProvider"])
+                    for f in dict.fromkeys([raw, file])]
         folded = prepare_for_export(converted, raw_head=True)
         qat = prepare_for_export(prepared, raw_head=True)
         for x in inputs:

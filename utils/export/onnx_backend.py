@@ -17,7 +17,7 @@ import importlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -181,6 +181,33 @@ class OnnxModel:
         return preds.to(im.dtype), None
 
 
+# onnxruntime's fastest 8-bit kernels on x86 CPUs without VNNI (AVX2, or AVX-512 before VNNI: many AMD
+# EPYCs, older Xeons) add pairs of uint8 x int8 products in 16 bits, which saturates when both are large;
+# this session option (documented in onnxruntime_session_options_config_keys.h) makes them use exact
+# uint8 x uint8 kernels on those CPUs and changes nothing on others. Measured on an AVX2-only EPYC
+# (notes/runtimes.md): without it 8% of the INT8 file's raw head values were off by up to 6 steps.
+EXACT_INT8_CONFIG = ("session.x64quantprecision", "1")
+
+
+def session_options(ort: Any, threads: int = 0, spin: Optional[bool] = None, optimize: bool = True,
+                    exact_int8: bool = True) -> Any:
+    """onnxruntime SessionOptions for every session this project opens: exact 8-bit arithmetic on every
+    x86 CPU (:data:`EXACT_INT8_CONFIG`; ``exact_int8=False`` leaves onnxruntime's default kernels, which
+    bench.runtime_agreement compares); ``threads`` > 0 caps the intra-op threads; ``spin`` sets whether
+    idle threads busy-wait (None: onnxruntime's default); ``optimize=False`` turns every graph
+    optimisation off (the specification's arithmetic, node by node)."""
+    options = ort.SessionOptions()
+    if exact_int8:
+        options.add_session_config_entry(*EXACT_INT8_CONFIG)
+    if threads > 0:
+        options.intra_op_num_threads = threads
+    if spin is not None:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return options
+
+
 def session_providers(ort: Any, device: torch.device) -> list[str]:
     """CUDA then CPU provider for a CUDA device when onnxruntime-gpu offers it, else CPU only."""
     available = ort.get_available_providers()
@@ -201,24 +228,22 @@ def onnxruntime_errors() -> tuple[type[BaseException], ...]:
 
 
 def load_onnx_model(path: str | Path, device: str | torch.device = "cpu", threads: int = 0,
-                    spin: bool = False) -> tuple[OnnxModel, dict]:
+                    spin: bool = False, exact_int8: bool = True) -> tuple[OnnxModel, dict]:
     """Open an ONNX detector for validation; returns (callable model, meta).
 
     meta: file, names, nc, stride (max, int), strides, anchors (pixels), imgsz [h, w], batch (int or
     'dynamic'), dynamic_hw, raw_head, half, quant (None for float files), producer. ``threads`` > 0
     caps onnxruntime's intra-op threads (0: its default). ``spin=False`` stops its idle threads from
     busy-waiting after each run, which would steal the CPU from the NMS that validation runs next;
-    latency benchmarks pass True (onnxruntime's default).
+    latency benchmarks pass True (onnxruntime's default). ``exact_int8=False`` runs onnxruntime's default
+    8-bit kernels, which saturate on x86 CPUs without VNNI (:data:`EXACT_INT8_CONFIG`; benchmarks only).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: ONNX file not found")
     ort = import_optional("onnxruntime", "running ONNX models")
     device = torch.device(device) if not isinstance(device, torch.device) else device
-    options = ort.SessionOptions()
-    if threads > 0:
-        options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    options = session_options(ort, threads, spin, exact_int8=exact_int8)
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=session_providers(ort, device))
     except onnxruntime_errors() as err:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils.export.onnx_backend import import_optional, onnxruntime_errors, session_providers
+from utils.export.onnx_backend import import_optional, onnxruntime_errors, session_options, session_providers
 
 __all__ = ["FLOAT_TOL", "HALF_TOL", "CheckResult", "compare_outputs", "sample_batch", "verify_onnx"]
 
@@ -96,7 +96,7 @@ def verify_onnx(file: Path, wrapper: nn.Module, inputs: Sequence[torch.Tensor], 
     ort = import_optional("onnxruntime", "checking the exported ONNX model")
     param = next(wrapper.parameters())
     try:
-        session = ort.InferenceSession(str(file), providers=session_providers(ort, param.device))
+        session = ort.InferenceSession(str(file), session_options(ort), providers=session_providers(ort, param.device))
     except onnxruntime_errors() as err:  # e.g. fp16 kernels missing on the CPU provider
         raise ValueError(f"{file}: onnxruntime cannot run it: {(str(err).strip().splitlines() or ['?'])[0]}") from err
     name = session.get_inputs()[0].name

@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from utils.export.onnx_backend import import_optional
+from utils.export.onnx_backend import import_optional, session_options
 
 __all__ = ["ConvKernels", "StepAgreement", "conv_kernels", "decoded_levels", "head_codes", "head_steps",
            "match_after_nms", "onnxruntime_runner", "openvino_runner", "ort_optimized_ops", "step_agreement"]
@@ -67,7 +67,7 @@ def ort_optimized_ops(path: str | Path) -> Counter:
     ort = import_optional("onnxruntime", "counting onnxruntime's optimised ops")
     onnx = import_optional("onnx", "counting onnxruntime's optimised ops")
     with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
+        options = session_options(ort)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         options.log_severity_level = 3  # it warns that the saved graph is specific to this CPU: we only count
@@ -158,13 +158,12 @@ def match_after_nms(a: np.ndarray, b: np.ndarray, conf_thres: float = 0.25, iou_
     return out
 
 
-def onnxruntime_runner(path: str | Path, optimize: bool = True) -> Callable[[np.ndarray], np.ndarray]:
+def onnxruntime_runner(path: str | Path, optimize: bool = True, exact_int8: bool = True) -> Callable[[np.ndarray], np.ndarray]:
     """A function image batch -> first output, on onnxruntime's CPU provider; ``optimize=False`` turns
-    every graph optimisation off (the specification's arithmetic, node by node)."""
+    every graph optimisation off (the specification's arithmetic, node by node); ``exact_int8=False``
+    runs onnxruntime's default 8-bit kernels (utils.export.onnx_backend.EXACT_INT8_CONFIG says why not)."""
     ort = import_optional("onnxruntime", "running ONNX models")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options = session_options(ort, optimize=optimize, exact_int8=exact_int8)
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x})[0]
