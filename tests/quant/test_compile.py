@@ -59,8 +59,11 @@ def test_compiled_qat_steps_match_eager(observer, monkeypatch):
     compiled = _losses(compiled_model, torch.compile(compiled_model), x, on_phase=count_breaks)
     total = sum(counters["graph_break"].values())
     # fake quantization can move a value across a rounding boundary when compiled float ops round
-    # differently, so agreement is to float rounding of the loss, not bit for bit
-    assert compiled == pytest.approx(eager, rel=2e-3, abs=1e-6)
+    # differently, and training carries the difference on, so agreement is to float rounding of the
+    # first loss and within 5e-3 after it (largest relative difference over the 20 steps: under 2e-3 on an
+    # AVX-512 Xeon, 2.7e-3 on an AVX2-only EPYC)
+    assert compiled[0] == pytest.approx(eager[0], rel=1e-6)
+    assert compiled == pytest.approx(eager, rel=5e-3, abs=1e-6)
     assert total == breaks[5], "the frozen phases must compile without graph breaks"
     if observer == "ema_minmax":
         assert total == 0, f"device-side observers must compile without graph breaks: {dict(counters['graph_break'])}"
