@@ -159,6 +159,17 @@ def test_exact_int8_session_option_and_unshared_weight_zero_points(exported):
     ort.InferenceSession(str(result.file), session_options(ort), providers=["CPUExecutionProvider"])
 
 
+def test_qdq_export_tells_users_the_session_option(tmp_path, caplog):
+    import logging
+
+    from utils.export.onnx_backend import EXACT_INT8_CONFIG
+
+    _qat_checkpoint(tmp_path / "qat.pt")
+    caplog.set_level(logging.INFO)
+    export_weights(tmp_path / "qat.pt", imgsz=64, check_images=[])
+    assert "=".join(EXACT_INT8_CONFIG) in caplog.text and "set it in your own sessions" in caplog.text
+
+
 def test_openvino_guards_are_exact_and_keep_integer_kernels(exported, tmp_path):
     """--openvino-compat's pass: an identity 1x1 MaxPool on each residual Add's requantized input (a ReLU
     model has no int8 concats); same outputs, every conv and residual Add still integer in onnxruntime;

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from utils.export.onnx_backend import import_optional, session_options
+from utils.export.onnx_backend import EXACT_INT8_CONFIG, import_optional, session_options
 from utils.export.onnx_check import FLOAT_TOL, HALF_TOL, CheckResult, sample_batch, verify_onnx
 from utils.export.onnx_export import (ExportError, OnnxOptions, build_metadata, check_include, export_onnx_float,
                                export_onnx_qdq, prepare_for_export)
@@ -303,4 +303,7 @@ def _export_qat(model: torch.nn.Module, im: torch.Tensor, file: Path, options: O
         raise ExportError(f"{file}: onnxruntime disagrees with the QAT model at input {worst.shape}: only "
                           f"{100 * worst.fraction_within:.3f}% of raw head values within one quantization step "
                           f"(need {100 * QDQ_MIN_FRACTION:.1f}%), max {worst.max_steps:.1f} steps")
+    key, value = EXACT_INT8_CONFIG
+    LOGGER.info("ONNX QDQ: checked with the onnxruntime session option %s=%s; set it in your own sessions too "
+                "(on x86 CPUs without VNNI onnxruntime's default 8-bit kernels saturate; README, Runtimes)", key, value)
     return checks, ranges_file

@@ -24,8 +24,8 @@ import torch
 
 from utils.names import normalise_names
 
-__all__ = ["PRODUCER", "OnnxModel", "decode_raw_maps", "import_optional", "load_onnx_model", "onnxruntime_errors",
-           "parse_metadata", "session_providers"]
+__all__ = ["EXACT_INT8_CONFIG", "PRODUCER", "OnnxModel", "decode_raw_maps", "import_optional", "load_onnx_model",
+           "onnxruntime_errors", "parse_metadata", "session_options", "session_providers"]
 
 LOGGER = logging.getLogger(__name__)
 
