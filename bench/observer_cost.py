@@ -37,7 +37,7 @@ BINS = 2 ** 15  # quant.histogram.HIST_BINS
 
 def histc_rows(shape: tuple[int, ...] = (8, 32, 80, 80), runs: int = 30) -> dict[str, float]:
     """Median ms of counting one activation-sized tensor over [0, 8] into HIST_BINS bins, by counter
-    (torch.histc, or the int32 bincount quant.histogram uses where histc is slower) and by what its
+    (torch.histc, or the bincount quant.histogram uses where histc is slower) and by what its
     values are."""
     from quant.histogram import _add_bincount, _add_histc
 
@@ -51,7 +51,7 @@ def histc_rows(shape: tuple[int, ...] = (8, 32, 80, 80), runs: int = 30) -> dict
         "clamp_min(0), then histc": lambda: torch.histc(x.clamp_min(0), BINS, 0.0, 8.0),
         "clamp_min(0) alone": lambda: x.clamp_min(0),
         "histogram counter 'histc' (into a float64 row)": lambda: _add_histc(row, after_relu, 3, hi),
-        "histogram counter 'bincount' (int32 indices)": lambda: _add_bincount(row, after_relu, 3, hi),
+        "histogram counter 'bincount' (int16 indices)": lambda: _add_bincount(row, after_relu, 3, hi),
     }
     return timed(rows, runs)
 

@@ -62,12 +62,14 @@ def _errors_at_scale(hist: torch.Tensor, top: int, exponents, bits: int, signed:
 
 
 @pytest.mark.parametrize("scale,bits,signed", [(1e-3, 8, True), (3.0, 8, False), (700.0, 4, True), (2e-9, 8, False)])
-def test_candidate_errors_from_unit_tables_are_bit_exact(scale, bits, signed):
+def test_candidate_errors_from_unit_tables_equal_errors_at_scale(scale, bits, signed):
+    """The stacked unit tables give the errors computed at the range itself, to the rounding of the sums."""
     x = torch.randn(30000, generator=torch.Generator().manual_seed(5)) * scale
     x = x if signed else x.abs()
     hist, top = add_to_histogram(empty_histogram(), None, x)
     exps = list(range(top - 6, top + 2))
-    assert torch.equal(candidate_errors(hist, top, exps, bits, signed), _errors_at_scale(hist, top, exps, bits, signed))
+    got, want = candidate_errors(hist, top, exps, bits, signed), _errors_at_scale(hist, top, exps, bits, signed)
+    assert torch.allclose(got, want, rtol=1e-12, atol=0) and int(torch.argmin(got)) == int(torch.argmin(want))
 
 
 def test_value_histogram_keeps_its_count_and_sign_and_picks_the_same_exponent():
