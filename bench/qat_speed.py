@@ -181,7 +181,8 @@ def _rows(eager: list[Variant], compiled: list[Variant], observer_every: int = 1
 def format_table(result: dict) -> str:
     c = result["config"]
     lines = [f"qat_speed: {c['cfg']} act={c['act']} imgsz={c['imgsz']} batch={c['batch_size']} device={c['device']} "
-             f"({c['device_name']}) torch {c['torch']}; {c['rounds']} interleaved rounds x {c['steps']} steps, medians",
+             f"({c['device_name']}) torch {c['torch']}; {c['rounds']} interleaved rounds x {c['steps']} steps, medians; "
+             f"histograms counted by {c.get('histogram_counter', '?')}",
              f"{'training step':<46}{'eager ms':>10}{'x float':>9}{'compiled ms':>13}{'x float':>9}{'x eager':>9}"]
     for row in result["steps"].values():
         line = f"{row['label']:<46}{row['eager_ms']:>10.1f}{row['eager_over_float']:>9.2f}"
@@ -200,8 +201,12 @@ def run(cfg: str = "yolov5n.yaml", act: Optional[str] = "relu", imgsz: int = 320
         onnx_imgsz: tuple[int, ...] = (320,), onnx_threads: int = 0, onnx_block: int = 5,
         onnx_settle: float = ONNX_SETTLE_S, onnx_spin: bool = True,
         hyp: Optional[str | Path] = None, qat_config: Optional[str | Path] = None, seed: int = 0,
-        json_out: Optional[str | Path] = None, observer_every: Optional[int] = None) -> dict:
-    """Measure, print the table, return (and with ``json_out`` save) the results."""
+        json_out: Optional[str | Path] = None, observer_every: Optional[int] = None,
+        histogram_counter: str = "auto") -> dict:
+    """Measure, print the table, return (and with ``json_out`` save) the results. ``histogram_counter``
+    'histc' or 'bincount' makes the histogram observers count that way instead of timing both ('auto',
+    what training does: quant.histogram.histc_is_faster)."""
+    import quant.histogram
     from bench.train_speed import DEFAULT_HYP, synchronize
     from utils.torch_utils import describe_device, keep_freed_memory, select_device
     from utils.train.config import TrainConfig
@@ -214,15 +219,22 @@ def run(cfg: str = "yolov5n.yaml", act: Optional[str] = "relu", imgsz: int = 320
                compile=compile, onnx_weights=onnx_weights, onnx_imgsz=tuple(onnx_imgsz), onnx_threads=onnx_threads,
                onnx_block=onnx_block, onnx_settle=onnx_settle, onnx_spin=onnx_spin, hyp=hyp or DEFAULT_HYP,
                qat_config=qat_config, seed=seed)
+    if histogram_counter not in ("auto", "histc", "bincount"):
+        raise ValueError(f"qat_speed: --histogram-counter {histogram_counter!r}: use auto, histc or bincount")
+    picked = quant.histogram.histc_is_faster
+    if histogram_counter != "auto":
+        quant.histogram.histc_is_faster = lambda: histogram_counter == "histc"
     before = torch.get_num_threads()
     torch.set_num_threads(threads if threads > 0 else before)
     try:
         eager, compiled = _train_variants(opt, dev)
         interleave(eager + compiled, rounds, steps, lambda: synchronize(dev))
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in opt.items()}
-        config.update(device=str(dev), device_name=describe_device(dev), torch=torch.__version__)
+        config.update(device=str(dev), device_name=describe_device(dev), torch=torch.__version__,
+                      histogram_counter="histc" if quant.histogram.histc_is_faster() else "bincount")
     finally:
         torch.set_num_threads(before)
+        quant.histogram.histc_is_faster = picked
     every = observer_every if observer_every is not None else TrainConfig.qat_observer_every
     result: dict[str, Any] = {"config": config, "steps": _rows(eager, compiled, every)}
     if onnx:
@@ -259,6 +271,8 @@ def parse_opt(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--observer-every", type=int, default=None,
                    help="also show the observer window's mean step with 1 batch in N observed (default: train.py's)")
+    p.add_argument("--histogram-counter", default="auto", choices=["auto", "histc", "bincount"],
+                   help="how histogram observers count (auto: the faster on this CPU, as training)")
     p.add_argument("--json", dest="json_out", type=str, default=None, help="write the results as JSON here")
     return p.parse_args(argv)
 

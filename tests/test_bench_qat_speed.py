@@ -24,7 +24,10 @@ def test_interleave_turns_the_order_each_round(monkeypatch):
 
 
 def test_run_measures_every_phase_compiled_float_and_onnx(tmp_path, monkeypatch, capsys, shared_dir):
+    import quant.histogram
     import quant.schedule
+
+    picked = quant.histogram.histc_is_faster
 
     states = []
     real_bn = quant.schedule.set_bn_frozen
@@ -47,8 +50,10 @@ def test_run_measures_every_phase_compiled_float_and_onnx(tmp_path, monkeypatch,
     out = tmp_path / "qat_speed.json"
     result = run(cfg="yolov5p.yaml", imgsz=64, batch_size=2, rounds=2, steps=1, warmup=1, threads=1,
                  onnx_weights=shared_dir / "weights" / "yolov5n.pt", onnx_imgsz=(64,), onnx_block=1, json_out=out,
-                 observer_every=4)
+                 observer_every=4, histogram_counter="histc")
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["config"]["histogram_counter"] == "histc"
+    assert quant.histogram.histc_is_faster is picked  # the machine's own choice is back after the run
     steps = result["steps"]
     assert list(steps) == ["float", *PHASES, "qat_observer_window"]
     window = steps.pop("qat_observer_window")  # derived: 1 observed step and 3 frozen-observer steps in 4
@@ -67,12 +72,14 @@ def test_run_measures_every_phase_compiled_float_and_onnx(tmp_path, monkeypatch,
     assert latency["int8_over_fp32"] == pytest.approx(latency["int8_median_ms"] / latency["fp32_median_ms"])
     printed = capsys.readouterr().out
     assert "QAT, observers and BN frozen" in printed and "x eager" in printed and "INT8/FP32" in printed
-    assert "observer window, 1 in 4 observed" in printed
+    assert "observer window, 1 in 4 observed" in printed and "histograms counted by histc" in printed
 
 
-def test_run_refuses_empty_rounds():
+def test_run_refuses_empty_rounds_and_unknown_counters():
     with pytest.raises(ValueError, match="--rounds"):
         run(rounds=0)
+    with pytest.raises(ValueError, match="--histogram-counter"):
+        run(histogram_counter="sort")
 
 
 def test_qat_profile_tables_and_fault_counts():
