@@ -191,7 +191,8 @@ def run(save: str = "") -> dict[str, dict[str, tuple[float, float]]]:
             Path(save).mkdir(parents=True, exist_ok=True)
             onnx.save(model, str(Path(save) / f"{name}.onnx"))
         want = reference(inputs)
-        session = ort.InferenceSession(model.SerializeToString(), session_options(ort), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(model.SerializeToString(), session_options(ort),
+                                       providers=["CPUExecutionProvider"])
         results[name] = {"onnxruntime": steps_off(session.run(None, inputs)[0], want, step)}
         if ov is not None:
             version = ov.__version__.split("-")[0]

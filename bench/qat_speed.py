@@ -181,8 +181,8 @@ def _rows(eager: list[Variant], compiled: list[Variant], observer_every: int = 1
 def format_table(result: dict) -> str:
     c = result["config"]
     lines = [f"qat_speed: {c['cfg']} act={c['act']} imgsz={c['imgsz']} batch={c['batch_size']} device={c['device']} "
-             f"({c['device_name']}) torch {c['torch']}; {c['rounds']} interleaved rounds x {c['steps']} steps, medians; "
-             f"histograms counted by {c.get('histogram_counter', '?')}",
+             f"({c['device_name']}) torch {c['torch']}; {c['rounds']} interleaved rounds x {c['steps']} steps, "
+             f"medians; histograms counted by {c.get('histogram_counter', '?')}",
              f"{'training step':<46}{'eager ms':>10}{'x float':>9}{'compiled ms':>13}{'x float':>9}{'x eager':>9}"]
     for row in result["steps"].values():
         line = f"{row['label']:<46}{row['eager_ms']:>10.1f}{row['eager_over_float']:>9.2f}"

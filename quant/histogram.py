@@ -96,8 +96,8 @@ _HISTC_CHUNK = 2 ** 24
 
 def _add_counts(hist: torch.Tensor, xf: torch.Tensor, lo: float, hi: float, top: int) -> None:
     """Add the counts of the finite float32 values ``xf`` (all within 2**top in magnitude, none below
-    ``lo`` or above ``hi``) to the (2, bins) float64 ``hist``: row 0 the magnitudes of values >= 0 (-0.0 included), row 1
-    those of negative values.
+    ``lo`` or above ``hi``) to the (2, bins) float64 ``hist``: row 0 the magnitudes of values >= 0 (-0.0
+    included), row 1 those of negative values.
 
     The bin of v is floor(|v| * bins / 2**top): a multiplication by a power of two and a floor, both
     exact, so a value lands in the same bin whatever range it is binned at (widening stays exact)."""

@@ -18,7 +18,8 @@ import onnxruntime as ort
 
 import export  # noqa: E402
 from utils.export.job import export_weights, names_from_data, normalise_imgsz  # noqa: E402
-from utils.export.onnx_backend import decode_raw_maps, import_optional, load_onnx_model, parse_metadata, session_options  # noqa: E402
+from utils.export.onnx_backend import (decode_raw_maps, import_optional, load_onnx_model, parse_metadata,  # noqa: E402
+                                       session_options)
 from utils.export.onnx_check import FLOAT_TOL, compare_outputs  # noqa: E402
 from utils.export.onnx_export import ExportError, check_include, simplify_onnx  # noqa: E402
 from utils.qat import load_model  # noqa: E402

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from quant.bias_correction import correct_bias, measure_output_shift
+from quant.bias_correction import correct_bias
 from quant.calibrate import calibrate
 from quant.config import QuantConfig, QuantSpec
 from quant.ptq import post_training_quantize

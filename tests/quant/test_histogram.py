@@ -9,7 +9,8 @@ from quant.calibrate import calibrate
 from quant.config import QuantConfig, QuantSpec
 from quant.fake_quant import Pow2FakeQuantize
 from quant.histogram import (HIST_BINS, ValueHistogram, add_to_histogram, bin_centres, bincount_counts,
-                             candidate_errors, empty_histogram, histc_is_faster, nonnegative_counts, percentile_bound, widen)
+                             candidate_errors, empty_histogram, histc_is_faster, nonnegative_counts,
+                             percentile_bound, widen)
 from quant.prepare import prepare
 from quant.schedule import iter_quantizers
 

@@ -51,7 +51,8 @@ def _run(model, x):
     import onnxruntime as ort
 
     options = session_options(ort)  # exact 8-bit kernels on every x86 CPU, as the project's sessions
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"images": x})[0]
 
 
 def _copy(model):

@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from utils.log import colorstr

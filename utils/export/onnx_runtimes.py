@@ -158,7 +158,8 @@ def match_after_nms(a: np.ndarray, b: np.ndarray, conf_thres: float = 0.25, iou_
     return out
 
 
-def onnxruntime_runner(path: str | Path, optimize: bool = True, exact_int8: bool = True) -> Callable[[np.ndarray], np.ndarray]:
+def onnxruntime_runner(path: str | Path, optimize: bool = True,
+                       exact_int8: bool = True) -> Callable[[np.ndarray], np.ndarray]:
     """A function image batch -> first output, on onnxruntime's CPU provider; ``optimize=False`` turns
     every graph optimisation off (the specification's arithmetic, node by node); ``exact_int8=False``
     runs onnxruntime's default 8-bit kernels (utils.export.onnx_backend.EXACT_INT8_CONFIG says why not)."""
