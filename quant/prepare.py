@@ -61,7 +61,8 @@ class PreparedModel(fx.GraphModule):
     """The prepared model: a GraphModule that keeps the original module hierarchy (``model.model[-1]``
     still finds a YOLO head), the original's plain attributes (``stride``, ``names``, ...), ``plan``,
     the ``quant_config`` it was prepared with and the ``example_shape`` of its (first) example input,
-    which is all it takes to prepare it again.  Deep copies (EMA) keep those attributes too."""
+    which is all it takes to prepare it again.  Deep copies (EMA) keep those attributes too, and the
+    forward pre-hook that makes each call one observation step."""
 
     quant_config: QuantConfig
     example_shape: tuple[int, ...]
@@ -71,6 +72,8 @@ class PreparedModel(fx.GraphModule):
         for key, value in self.__dict__.items():
             if not key.startswith("_") and key not in res.__dict__:
                 res.__dict__[key] = copy.deepcopy(value, memo)
+        if any(hook is begin_observation_step for hook in self._forward_pre_hooks.values()):
+            res.register_forward_pre_hook(begin_observation_step)  # GraphModule's deep copy drops forward hooks
         return res
 
     def _apply(self, fn, *args, **kwargs):

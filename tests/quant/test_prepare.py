@@ -219,6 +219,24 @@ def test_deepcopy_keeps_attributes_and_sharing(trained):
         _assert_same_outputs(copy.deepcopy(prepared).eval()(X), pm(X), atol=0)
 
 
+def test_deepcopy_keeps_one_observation_step_per_call(prepared):
+    """A deep copy keeps the pre-hook that starts each call's observation step: the 'current' weight
+    observer of the copy follows weights that shrink between two calls (without the hook it would merge
+    the second call's range into the first's and keep the old exponent)."""
+    from quant.schedule import begin_observation_step
+
+    twin = copy.deepcopy(prepared).train()
+    set_bn_frozen(twin, True)  # the folded weight is then the conv weight times fixed factors
+    assert list(twin._forward_pre_hooks.values()) == [begin_observation_step]
+    quantizer = twin.model[3].weight_fake_quant
+    twin(X)
+    before = quantizer.exponent.clone()
+    with torch.no_grad():
+        twin.model[3].conv.weight.mul_(0.25)
+    twin(X)
+    assert torch.equal(quantizer.exponent, before - 2)
+
+
 def test_eval_mode_prepare_returns_decoded_boxes(relu_model):
     pm = prepare(relu_model.eval(), X[:1], CFG, layer_index)
     assert not pm.training and not pm.model[3].training
