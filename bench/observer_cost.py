@@ -79,28 +79,40 @@ def counting_every(n: int) -> Iterator[None]:
         h.ValueHistogram.add = shipped
 
 
+def coco128_batches(images: int, imgsz: int, batch_size: int) -> list[torch.Tensor]:
+    """The first ``images`` coco128 images as uint8 batches, letterboxed to ``imgsz``."""
+    from utils.export.onnx_check import sample_batch
+
+    files = sorted((SHARED / "datasets" / "coco128" / "images" / "train2017").glob("*.jpg"))[:images]
+    if not files:
+        raise FileNotFoundError(f"observer_cost: no coco128 images under {SHARED / 'datasets' / 'coco128'}")
+    return [(sample_batch(files[i:i + batch_size], batch_size, (imgsz, imgsz)) * 255).round().to(torch.uint8)
+            for i in range(0, len(files), batch_size)]
+
+
+def activation_exponents(model: torch.nn.Module) -> dict[str, float]:
+    """Exponent of every per-tensor (activation) quantizer, by name."""
+    from quant.schedule import iter_quantizers
+
+    return {name: float(q.exponent) for name, q in iter_quantizers(model) if not q.spec.per_channel}
+
+
 def subsample_agreement(every: Sequence[int] = (2, 4, 8), weights: Path = SHARED / "weights" / "yolov5n.pt",
                         imgsz: int = 320, images: int = 64, batch_size: int = 8) -> list[dict]:
     """Per n: how many per-tensor (activation) exponents PTQ calibration picks the same when counting
     1 in n images as when counting all, and which differ (name, all, 1 in n)."""
     from quant.calibrate import calibrate
-    from quant.schedule import iter_quantizers
-    from utils.export.onnx_check import sample_batch
     from utils.qat import load_model, prepare_qat_model
 
-    files = sorted((SHARED / "datasets" / "coco128" / "images" / "train2017").glob("*.jpg"))[:images]
-    if not files:
-        raise FileNotFoundError(f"observer_cost: no coco128 images under {SHARED / 'datasets' / 'coco128'}")
-    batches = [(sample_batch(files[i:i + batch_size], batch_size, (imgsz, imgsz)) * 255).round().to(torch.uint8)
-               for i in range(0, len(files), batch_size)]
+    batches = coco128_batches(images, imgsz, batch_size)
     model, _ = load_model(Path(weights), act="relu")
     prepared = prepare_qat_model(model, imgsz)
 
     def exponents(n: int) -> dict[str, float]:
         m = copy.deepcopy(prepared)
         with counting_every(n):
-            calibrate(m, batches, len(files))
-        return {name: float(q.exponent) for name, q in iter_quantizers(m) if not q.spec.per_channel}
+            calibrate(m, batches, images)
+        return activation_exponents(m)
 
     full = exponents(1)
     rows = []

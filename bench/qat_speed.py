@@ -46,7 +46,7 @@ LOGGER = logging.getLogger("bench.qat_speed")
 NC = 80  # classes of the random training batch (COCO's, as the model yamls)
 ONNX_SETTLE_S = 0.05  # default pause before each onnxruntime block (--onnx-settle)
 PHASES = {  # name -> (label, observers on, BN frozen, forward: 'view' (what the trainer runs) or 'full')
-    "qat_observe": ("QAT, observers on (BN batch statistics)", True, False, "full"),
+    "qat_observe": ("QAT, observers on (BN batch statistics)", True, False, "view"),
     "qat_frozen_observers": ("QAT, observers frozen, BN batch statistics", False, False, "view"),
     "qat_frozen": ("QAT, observers and BN frozen", False, True, "view"),
     "qat_frozen_full_graph": ("  the same on the full prepared graph", False, True, "full"),

@@ -28,7 +28,8 @@ def iter_images(batches: Iterable, n_images: int, device: torch.device | str = "
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable, n_images: int, device: torch.device | str = "cpu") -> int:
     """Run up to `n_images` images (uint8 batches as the dataloader yields them) through `model` with
-    observers recording, BN in eval mode, then freeze the observers. Returns the images seen.
+    observers recording, BN in eval mode, then freeze the observers. Returns the images seen. A prepared
+    model runs as QAT training does (quant.frozen_view: the statistics a shared set's members give).
 
     Example:
         >>> seen = calibrate(prepared, val_loader, n_images=512)  # doctest: +SKIP
@@ -36,6 +37,7 @@ def calibrate(model: nn.Module, batches: Iterable, n_images: int, device: torch.
     if n_images <= 0:
         raise ValueError(f"calibration needs at least one image, got n_images={n_images}")
     model.eval()
+    forward = _observing_forward(model)
     quantizers = [q for _, q in iter_quantizers(model)]
     set_observers(model, True)
     for q in quantizers:
@@ -43,7 +45,7 @@ def calibrate(model: nn.Module, batches: Iterable, n_images: int, device: torch.
     seen = 0
     try:
         for im in iter_images(batches, n_images, device):
-            model(im)
+            forward(im)
             seen += im.shape[0]
     finally:
         for q in quantizers:
@@ -51,3 +53,11 @@ def calibrate(model: nn.Module, batches: Iterable, n_images: int, device: torch.
         set_observers(model, False)
     LOGGER.info(f"PTQ: calibrated {len(quantizers)} quantizers on {seen} images")
     return seen
+
+
+def _observing_forward(model: nn.Module) -> nn.Module:
+    """What observes: the frozen view of a prepared model, as training in one process runs it, else the model."""
+    from quant.frozen_view import frozen_view
+    from quant.prepare import PreparedModel
+
+    return frozen_view(model) if isinstance(model, PreparedModel) else model

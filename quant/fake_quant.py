@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import math
 from typing import Optional
 
 import torch
@@ -19,7 +20,7 @@ import torch.nn as nn
 
 from quant.config import QuantSpec
 from quant.fq_ops import (EXP_MAX, EXP_MIN, MSE_CANDIDATES, ChannelRangeMaskFakeQuantCPU, PerTensorFakeQuantCPU,
-                          RangeMaskFakeQuantCPU, ReluRangeMaskFakeQuantCPU, compiled_channel_fake_quant,
+                          RangeMaskFakeQuantCPU, ReluRangeMaskFakeQuantCPU, ceil_exponent, compiled_channel_fake_quant,
                           compiled_fake_quant, exponent_from_bound, has_half_kernel, pow2_scale, row_candidate_errors,
                           shift_errors, threshold_fake_quant)
 from quant.histogram import ValueHistogram
@@ -111,15 +112,20 @@ class Pow2FakeQuantize(nn.Module):
 
     def fake_quant_after_relu(self, x: torch.Tensor) -> torch.Tensor:
         """``self(relu(x))`` (quant.frozen_view calls it for a fused conv's ReLU and the quantizer after it).
-        With the observer not running, for an active unsigned per-tensor quantizer on a float32 CPU tensor,
-        it is one kernel: ReluRangeMaskFakeQuantCPU (under torch.compile, the same kernel as the library op
-        ``pow2q::fake_quant_cpu``), the same values and gradient without the ReLU's passes."""
+        For an unsigned per-tensor quantizer on a float32 CPU tensor it is one kernel:
+        ReluRangeMaskFakeQuantCPU (under torch.compile, the same kernel as the library op
+        ``pow2q::fake_quant_cpu``), the same values and gradient without the ReLU's passes; a histogram
+        observer, when it runs (eager), counts relu(x) from x itself (ValueHistogram.add_after_relu)."""
         compiling = torch.compiler.is_compiling()
-        fused = (self.quant_min == 0 and not self.spec.per_channel and self.is_active() and self.log2_threshold is None
-                 and not (self._observing and (self.training or self.calibrating)) and _cpu_float(x)
-                 and not (compiling and compiled_fake_quant is None))
-        if not fused:
+        fusable = (self.quant_min == 0 and not self.spec.per_channel and self.log2_threshold is None and _cpu_float(x)
+                   and not (compiling and compiled_fake_quant is None))
+        if self._observing and (self.training or self.calibrating):
+            if not (fusable and not compiling and self._observe_histogram_after_relu(x.detach())):
+                return self(torch.relu(x))
+        elif not fusable:
             return self(torch.relu(x))
+        if not self.is_active():
+            return torch.relu(x)
         if compiling:
             return compiled_fake_quant(x, self.scale(), self.quant_min, self.quant_max, True)
         return ReluRangeMaskFakeQuantCPU.apply(x, self.scale(), self.quant_min, self.quant_max)
@@ -348,14 +354,35 @@ class Pow2FakeQuantize(nn.Module):
         """Count x into the histogram and keep min/max over everything seen (host reads: the
         histogram's range is a Python int; this runs only while calibrating)."""
         seen = self._histogram.add(x)
+        if seen is not None:
+            self._record_histogram_range(*seen)
+
+    @torch.compiler.disable
+    def _observe_histogram_after_relu(self, x: torch.Tensor) -> bool:
+        """``_observe_histogram(relu(x))`` without computing relu(x); False, observing nothing, when there is
+        no histogram observer or x is empty or not all finite (the caller then observes relu(x))."""
+        seen = self._histogram.add_after_relu(x) if self._histogram is not None else None
         if seen is None:
-            return
-        lo, hi = (torch.full((1,), v, device=self.min_val.device) for v in seen)
-        first = (self.calibrated == 0) | torch.isinf(self.min_val).any()
-        self.min_val.copy_(torch.where(first, lo, torch.minimum(self.min_val, lo)))
-        self.max_val.copy_(torch.where(first, hi, torch.maximum(self.max_val, hi)))
+            return False
+        self._record_histogram_range(*seen)
+        return True
+
+    def _record_histogram_range(self, seen_lo: float, seen_hi: float) -> None:
+        """Widen min/max by what the histogram just counted and update the exponent. On the host: the
+        histogram observer is per tensor, so min/max are one float32 each (never NaN: only finite counted
+        values and the reset's infinities reach them), and Python's min/max of them are exact."""
+        lo, hi = float(self.min_val), float(self.max_val)
+        if not self._calibrated or math.isinf(lo):  # the first observation replaces them
+            lo, hi = seen_lo, seen_hi
+        else:
+            lo, hi = min(lo, seen_lo), max(hi, seen_hi)
+        self.min_val.fill_(lo)
+        self.max_val.fill_(hi)
         self.num_observed.add_(1)
-        self._update_exponent()
+        bound = max(abs(lo), abs(hi)) if self.signed else max(hi, 0.0)
+        self.exponent.fill_(self._histogram_exponent(bound))
+        if self.log2_threshold is not None:  # observing: the threshold follows the observed exponent
+            self.log2_threshold.data.copy_(self.exponent)
         self._mark_calibrated()
 
     def _mark_calibrated(self) -> None:
@@ -363,13 +390,15 @@ class Pow2FakeQuantize(nn.Module):
             self.calibrated.fill_(1)
             self._calibrated = True
 
-    def _histogram_exponent(self) -> float:
-        """k from the histogram: the least-error candidate ('mse'), else the percentile bound's exponent."""
+    def _histogram_exponent(self, bound: Optional[float] = None) -> float:
+        """k from the histogram: the least-error candidate ('mse'), else the percentile bound's exponent.
+        ``bound``: what :meth:`_bound` holds, when the caller has it on the host."""
         hist = self._histogram
+        bound = float(self._bound()) if bound is None else bound
         if self.spec.rounding == "mse":
-            top = int(self._window_top())
+            top = ceil_exponent(bound)  # the candidate window's top, _window_top() on the host
             return float(hist.mse_exponent(range(top - MSE_CANDIDATES + 1, top + 1), self.bits, self.signed))
-        bound = hist.percentile_bound(self.spec.percentile) if self.spec.percentile < 100 else float(self._bound())
+        bound = hist.percentile_bound(self.spec.percentile) if self.spec.percentile < 100 else bound
         return float(exponent_from_bound(torch.tensor([bound]), self.spec.rounding))
 
     def _merge_with_step(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

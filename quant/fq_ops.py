@@ -6,6 +6,7 @@ candidate errors, and which half-precision fake-quant kernels a device has."""
 from __future__ import annotations
 
 import inspect
+import math
 from functools import lru_cache
 from typing import Callable, Optional
 
@@ -27,6 +28,20 @@ def exponent_from_bound(bound: torch.Tensor, rounding: str) -> torch.Tensor:
     log2 = torch.log2(bound.double().clamp_min(_MIN_BOUND))  # double: exact at powers of two
     k = torch.round(log2) if rounding == "round" else torch.ceil(log2)
     return k.clamp(EXP_MIN, EXP_MAX).float()
+
+
+def ceil_exponent(bound: float) -> int:
+    """``exponent_from_bound(torch.tensor([bound]), "ceil")`` for one finite Python float, computed on the host:
+    frexp splits the bound exactly (bound = m * 2**e, 0.5 <= m < 1), so ceil(log2 bound) is e, or e - 1 when m
+    is 0.5 (a power of two). The same value: a float32 bound that is not a power of two lies at least
+    2**-24 (relative) from one, far beyond the float64 log2's error."""
+    if math.isnan(bound):
+        raise ValueError("ceil_exponent: the bound is NaN")
+    if math.isinf(bound) and bound > 0:
+        return EXP_MAX
+    mantissa, exponent = math.frexp(max(bound, _MIN_BOUND))
+    k = exponent - 1 if mantissa == 0.5 else exponent
+    return min(max(k, EXP_MIN), EXP_MAX)
 
 
 def pow2_scale(exponent: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:

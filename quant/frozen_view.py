@@ -1,17 +1,21 @@
-"""The training forward once observers are frozen: the prepared graph without re-quantizations that
-are identities then.
+"""The training forward: the prepared graph without re-quantizations that are identities once observers
+are frozen, and with the ReLUs folded into the quantizers after them.
 
 A concat whose inputs share one quantizer (:mod:`quant.prepare` ties them) joins tensors that are
 already on that quantizer's grid, and the graph quantizes the result with the same quantizer again.
-While the observer runs, that call counts the joined tensor into the statistics, so it must stay;
-once the observer is frozen it maps every value to itself (each is ``k * scale`` with k inside the
-integer range) and its straight-through gradient mask is all ones, so skipping it changes no bit of
+Once the observer is frozen that call maps every value to itself (each is ``k * scale`` with k inside
+the integer range) and its straight-through gradient mask is all ones, so skipping it changes no bit of
 the forward or the backward.  It is about a fifth of the activation values a YOLOv5 step quantizes.
+While the observer runs, the full graph would also count the joined tensor into the statistics: a
+second copy of values the quantizer has just counted, rounded to its grid. The view leaves that copy
+out, so a shared set's statistics are those of its members; on coco128 that changed no exponent in
+PTQ calibration or in QAT with every step observed (notes/qat_speed.md, tenth round).
 
 A fused conv ending in ReLU whose output only feeds an unsigned per-tensor quantizer runs without its
 ReLU, and the quantizer applies it (:meth:`Pow2FakeQuantize.fake_quant_after_relu`: its clamp at 0 is the
 ReLU and one mask serves both): the same values and gradients, without the ReLU's pass forward and
-backward. With the observer running that call is ``quantizer(relu(x))``, so it is right in any phase.
+backward. With the observer running that call observes relu(x) (a histogram observer counts it from x
+itself), so it is right in any phase.
 
 :func:`frozen_view` returns a module that shares every submodule (parameters, buffers, quantizers)
 with the prepared model and runs the graph without those calls. Exporting, the integer reference,
@@ -33,6 +37,7 @@ from torch import nn
 from quant.fake_quant import Pow2FakeQuantize
 from quant.fused import QATConvBnAct
 from quant.graph import concat_inputs, is_concat, resolve_producer
+from quant.schedule import begin_observation_step
 
 __all__ = ["frozen_view", "redundant_requantizations", "relu_quantizer_pairs"]
 
@@ -106,9 +111,10 @@ def _fold_relus(graph: fx.Graph, pairs: list[tuple[fx.Node, fx.Node]]) -> None:
 
 
 def frozen_view(prepared: fx.GraphModule) -> fx.GraphModule:
-    """A module running ``prepared``'s graph without :func:`redundant_requantizations`, sharing every
-    submodule with it (so training it trains ``prepared``). Equal to ``prepared`` forward and backward
-    while no observer runs; with observers on it would leave the joined tensors out of their statistics."""
+    """A module running ``prepared``'s graph without :func:`redundant_requantizations` and with the ReLUs
+    folded, sharing every submodule with it (so training it trains ``prepared``). Equal to ``prepared``
+    forward and backward while no observer runs; while observers run it leaves the joined tensors out of
+    their statistics (the module docstring says why that is what they should count)."""
     graph = copy.deepcopy(prepared.graph)
     copy_of = dict(zip(prepared.graph.nodes, graph.nodes))
     pairs = [(copy_of[conv], copy_of[quant]) for conv, quant in relu_quantizer_pairs(prepared)]
@@ -119,4 +125,7 @@ def frozen_view(prepared: fx.GraphModule) -> fx.GraphModule:
     graph.lint()
     view = fx.GraphModule(prepared, graph, class_name=f"{type(prepared).__name__}FrozenView")
     view.train(prepared.training)
+    # each call is an observation step, as each call of prepared is: without it a quantizer would merge
+    # this step's range into the last step's (Pow2FakeQuantize.begin_step)
+    view.register_forward_pre_hook(begin_observation_step)
     return view

@@ -73,20 +73,25 @@ def finite_range(x: torch.Tensor) -> Optional[tuple[torch.Tensor, float, float]]
 
 @torch.no_grad()
 def add_to_histogram(hist: torch.Tensor, top: Optional[int], x: torch.Tensor,
-                     values: Optional[tuple[torch.Tensor, float, float]] = None) -> tuple[torch.Tensor, int]:
+                     values: Optional[tuple[torch.Tensor, float, float]] = None,
+                     after_relu: bool = False) -> tuple[torch.Tensor, int]:
     """Count the finite values of ``x`` into ``hist``, in place (widening makes a new tensor first if
     needed); returns the histogram and its range exponent. ``top=None`` means the histogram is empty.
-    ``values``: what :func:`finite_range` returned for ``x``, when the caller has it already."""
+    ``values``: what :func:`finite_range` returned for ``x``, when the caller has it already.
+    ``after_relu``: count relu(x) instead, every negative value as a zero (x must be all finite)."""
     values = values if values is not None else finite_range(x)
     if values is None:
         return hist, (top if top is not None else _EXP_MIN)
     xf, lo, hi = values
+    negatives_as_zeros = after_relu and lo < 0
+    if after_relu:
+        lo, hi = max(lo, 0.0), max(hi, 0.0)
     need = needed_exponent(max(hi, -lo))
     if top is None:
         top = need
     elif need > top:
         hist, top = widen(hist, need - top), need
-    _add_counts(hist, xf, lo, hi, top)
+    _add_counts(hist, xf, lo, hi, top, negatives_as_zeros)
     return hist, top
 
 
@@ -94,36 +99,41 @@ def add_to_histogram(hist: torch.Tensor, top: Optional[int], x: torch.Tensor,
 _HISTC_CHUNK = 2 ** 24
 
 
-def _add_counts(hist: torch.Tensor, xf: torch.Tensor, lo: float, hi: float, top: int) -> None:
+def _add_counts(hist: torch.Tensor, xf: torch.Tensor, lo: float, hi: float, top: int,
+                negatives_as_zeros: bool = False) -> None:
     """Add the counts of the finite float32 values ``xf`` (all within 2**top in magnitude, none below
     ``lo`` or above ``hi``) to the (2, bins) float64 ``hist``: row 0 the magnitudes of values >= 0 (-0.0
-    included), row 1 those of negative values.
+    included), row 1 those of negative values. ``negatives_as_zeros``: ``xf`` also holds negative values
+    (``lo`` is then 0), each counted as a zero, as relu(xf) would be.
 
     The bin of v is floor(|v| * bins / 2**top): a multiplication by a power of two and a floor, both
     exact, so a value lands in the same bin whatever range it is binned at (widening stays exact)."""
     if xf.device.type == "cpu" and lo >= 0:  # (histc on CUDA is not deterministic)
         add_nonnegative = _add_histc if histc_is_faster() else _add_bincount
-        add_nonnegative(hist[0], xf, top, hi)
+        add_nonnegative(hist[0], xf, top, hi, negatives_as_zeros)
     else:
-        hist += bincount_counts(xf, top, hist.shape[1])
+        hist += bincount_counts(xf.clamp(min=0.0) if negatives_as_zeros else xf, top, hist.shape[1])
 
 
-def _add_histc(row: torch.Tensor, xf: torch.Tensor, top: int, hi: float) -> None:
+def _add_histc(row: torch.Tensor, xf: torch.Tensor, top: int, hi: float, negatives_as_zeros: bool = False) -> None:
     """Add the counts of non-negative values to the float64 ``row`` by torch.histc, which computes exactly
     the bin index above in one pass (no index tensor). (For signed values two passes and the zeros'
-    correction cost more than bincount.)"""
+    correction cost more than bincount.) Negative values counted as zeros are clamped to 0 first: histc
+    leaves out values below its range, and is about 2x slower on them (notes/qat_speed.md, eighth round)."""
+    if negatives_as_zeros:
+        xf = xf.clamp(min=0.0)
     for chunk in xf.split(_HISTC_CHUNK):
         row += torch.histc(chunk, row.numel(), 0.0, 2.0 ** top)
 
 
-def _add_bincount(row: torch.Tensor, xf: torch.Tensor, top: int, hi: float) -> None:
+def _add_bincount(row: torch.Tensor, xf: torch.Tensor, top: int, hi: float, negatives_as_zeros: bool = False) -> None:
     """The same counts as :func:`_add_histc`, by bincount over integer bin indices (truncation is the floor
     for values >= 0; int16 while the indices fit, the cheapest cast); only a largest value ``hi`` of exactly
-    2**top needs the clamp into the last bin."""
+    2**top needs the clamp into the last bin, and negative values counted as zeros the clamp at bin 0."""
     bins = row.numel()
     index = xf * (bins / 2.0 ** top)
-    if hi >= 2.0 ** top:
-        index.clamp_(max=bins - 1)
+    if hi >= 2.0 ** top or negatives_as_zeros:
+        index.clamp_(min=0.0 if negatives_as_zeros else None, max=bins - 1 if hi >= 2.0 ** top else None)
     row += torch.bincount(index.to(torch.int16 if bins <= 2 ** 15 else torch.int32), minlength=bins)
 
 
@@ -149,12 +159,14 @@ def histc_is_faster() -> bool:
     return best_ms(_add_histc) < best_ms(_add_bincount)
 
 
-def nonnegative_counts(xf: torch.Tensor, top: int, bins: int, by: str = "histc") -> torch.Tensor:
+def nonnegative_counts(xf: torch.Tensor, top: int, bins: int, by: str = "histc",
+                       after_relu: bool = False) -> torch.Tensor:
     """(2, bins) float64 counts of non-negative values as the CPU path adds them, ``by`` 'histc' or
-    'bincount' (the layout of :func:`bincount_counts`, which tests compare both with)."""
+    'bincount' (the layout of :func:`bincount_counts`, which tests compare both with); ``after_relu``:
+    the counts of relu(xf), xf's negative values counted as zeros."""
     hist = torch.zeros(2, bins, dtype=torch.float64, device=xf.device)
     add = {"histc": _add_histc, "bincount": _add_bincount}[by]
-    add(hist[0], xf, top, float(xf.max()) if xf.numel() else 0.0)
+    add(hist[0], xf, top, max(float(xf.max()), 0.0) if xf.numel() else 0.0, after_relu)
     return hist
 
 
@@ -257,17 +269,32 @@ class ValueHistogram:
         self.add_values(values, x.device)
         return values[1], values[2]
 
-    def add_values(self, values: tuple[torch.Tensor, float, float], device: torch.device) -> None:
+    def add_after_relu(self, x: torch.Tensor) -> Optional[tuple[float, float]]:
+        """Count relu(x) without computing it (each negative value counts as a zero) and return relu(x)'s
+        (min, max); None, counting nothing, when x is empty or holds a NaN or an infinity (relu(x) would
+        then keep a different set of values: the caller counts relu(x) itself)."""
+        xf = x.detach().float().reshape(-1)
+        if xf.numel() == 0:
+            return None
+        lo, hi = (float(v) for v in torch.aminmax(xf))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            return None
+        self.add_values((xf, lo, hi), x.device, after_relu=True)
+        return max(lo, 0.0), max(hi, 0.0)
+
+    def add_values(self, values: tuple[torch.Tensor, float, float], device: torch.device,
+                   after_relu: bool = False) -> None:
         """Count ``values`` as :func:`finite_range` returns them: (finite float32 values, min, max), the
-        range covering the values (bench.observer_cost passes a subset of a tensor with the whole range)."""
+        range covering the values (bench.observer_cost passes a subset of a tensor with the whole range);
+        ``after_relu``: count relu of them (:func:`add_to_histogram`)."""
         hist = self.hist
         if hist is None:
             hist = empty_histogram(device)
         elif hist.device != device:
             hist = hist.to(device)
-        self.hist, self.top = add_to_histogram(hist, self.top, values[0], values)
+        self.hist, self.top = add_to_histogram(hist, self.top, values[0], values, after_relu)
         self.total += values[0].numel()
-        self.negatives = self.negatives or values[1] < 0
+        self.negatives = self.negatives or (values[1] < 0 and not after_relu)
 
     def mse_exponent(self, exponents: Sequence[int], bits: int, signed: bool) -> int:
         """The candidate with the smallest error; ties go to the smaller (finer) exponent."""

@@ -192,3 +192,26 @@ def test_decode_ab_codes_moved_keeps_outputs_and_integer_head_convs(tmp_path):
         kernels.append(collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node))
     assert np.array_equal(outs[0], outs[1])
     assert kernels[1]["QLinearConv"] == kernels[0]["QLinearConv"] == 60 and kernels[1]["Conv"] == 0
+
+
+def test_joined_counting_compares_the_full_graph_with_the_view(capsys, shared_dir):
+    """bench.joined_counting: inside full_graph_observing calibration and observed steps use the prepared
+    model itself, outside it the frozen view; the PTQ comparison runs and names what differs."""
+    import quant.calibrate
+    from bench.joined_counting import full_graph_observing, ptq_rows
+    from models.yolo import DetectionModel
+    from quant.config import QuantConfig
+    from quant.prepare import prepare
+    from utils.train.forward import TrainingForward
+
+    prepared = prepare(DetectionModel("yolov5p.yaml", nc=3, act="relu").train(), torch.zeros(1, 3, 64, 64),
+                       QuantConfig(leaf_modules=("Detect",)))
+    forwards = TrainingForward(prepared, compile=False, single_process=True)
+    assert quant.calibrate._observing_forward(prepared) is not prepared and forwards.pick() is not prepared
+    with full_graph_observing():
+        assert quant.calibrate._observing_forward(prepared) is prepared and forwards.pick() is prepared
+        assert forwards.pick(observers_frozen=True) is forwards.frozen_view
+    assert quant.calibrate._observing_forward(prepared) is not prepared and forwards.pick() is forwards.frozen_view
+    row = ptq_rows(str(shared_dir / "weights" / "yolov5n.pt"), imgsz=64, images=8, batch_size=4)
+    assert row["quantizers"] > 20 and row["same"] + len(row["differ"]) == row["quantizers"]
+    assert "activation exponents the same" in capsys.readouterr().out

@@ -278,3 +278,20 @@ def test_sync_across_ranks_gloo(tmp_path):
         alone(torch.randn(3, 64) * (1 + 30 * rank))
     assert torch.equal(r0["histogram"][0], alone._histogram.hist) and int(r0["histogram"][1]) == alone._histogram.top
     assert torch.equal(r0["tensor_hist"][0], alone.exponent)
+
+
+def test_ceil_exponent_on_the_host_equals_the_device_rule():
+    """The histogram observer's host-side ceil(log2 bound) gives exponent_from_bound's value: at powers of two,
+    one float32 step either side of them, the clamps, zero and the infinities."""
+    from quant.fq_ops import EXP_MAX, ceil_exponent, exponent_from_bound
+
+    powers = torch.tensor([2.0 ** k for k in range(-60, 60)], dtype=torch.float32)
+    bounds = torch.cat([powers, torch.nextafter(powers, powers * 2), torch.nextafter(powers, powers / 2),
+                        torch.rand(2000, generator=torch.Generator().manual_seed(0)) * 1000,
+                        torch.tensor([0.0, -3.0, 3.4e38, 1e-45, float("inf")])])
+    want = exponent_from_bound(bounds, "ceil")
+    got = torch.tensor([float(ceil_exponent(float(b))) for b in bounds])
+    assert torch.equal(got, want), bounds[got != want]
+    assert ceil_exponent(float("inf")) == EXP_MAX
+    with pytest.raises(ValueError, match="NaN"):
+        ceil_exponent(float("nan"))

@@ -1,8 +1,11 @@
 """Tests for quant/frozen_view.py: which re-quantizations it drops, and that with observers frozen the
-view computes bit for bit what the prepared model computes, forward and backward, BN live or frozen."""
+view computes bit for bit what the prepared model computes, forward and backward, BN live or frozen;
+with observers running, that it counts each value once and the ReLU fold observes relu(x) exactly."""
 from __future__ import annotations
 
 import copy
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from quant.schedule import set_bn_frozen, set_observers
 from tests.tiny_nets import AddConcatNet
 
 X = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "data" / "quant" / "default.yaml"
 
 
 def _observed(model: torch.nn.Module, config: QuantConfig = QuantConfig()) -> torch.nn.Module:
@@ -96,3 +100,60 @@ def test_not_dropped_when_an_input_has_another_quantizer():
     cat.replace_input_with(first, other)  # one input now comes from a different quantizer
     prepared.recompile()
     assert requant not in redundant_requantizations(prepared)
+
+
+
+def test_observing_through_the_view_counts_each_value_once():
+    """With observers running the view leaves the joined tensors out of the statistics: after one step from
+    the same state, each histogram of a concat's set holds exactly the joined tensors' values fewer than on
+    the full graph (which counts them a second time), and one observation fewer per dropped call. (Whether
+    that moves an exponent is measured on real data: notes/qat_speed.md, tenth round.)"""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    torch.manual_seed(0)
+    model = DetectionModel("yolov5p.yaml", nc=3, act="relu")
+    prepared = prepare(model.train(), X[:1], QuantConfig.from_yaml(DEFAULT_CONFIG))  # histogram observers
+    full, sizes = copy.deepcopy(prepared), copy.deepcopy(prepared)
+    ShapeProp(sizes).propagate(X)
+    joined_values = Counter()
+    for node in redundant_requantizations(sizes):
+        joined_values[str(node.target)] += node.args[0].meta["tensor_meta"].shape.numel()
+    dropped = Counter(str(n.target) for n in redundant_requantizations(full))
+    assert sum(dropped.values()) == 13 and len(dropped) == 11  # two sets hold two concats each
+    _step(full, X)
+    _step(frozen_view(prepared), X)
+    mine, theirs = dict(prepared.named_modules()), dict(full.named_modules())
+    for name, count in dropped.items():
+        calls = sum(1 for n in full.graph.nodes if n.op == "call_module" and n.target == name)
+        assert (int(mine[name].num_observed), int(theirs[name].num_observed)) == (calls - count, calls)
+        assert mine[name]._histogram.total == theirs[name]._histogram.total - joined_values[name] > 0, name
+
+
+@pytest.mark.parametrize("counter", ["histc", "bincount"])
+def test_fake_quant_after_relu_observes_what_relu_then_quantizer_observe(counter, monkeypatch):
+    """A histogram observer fed through fake_quant_after_relu counts relu(x) from x itself: the same
+    histogram, range, exponent, output and gradient as quantizer(relu(x)), first observation and growing
+    ranges included, with either counter; a NaN or an infinity takes the plain path."""
+    import quant.histogram
+
+    monkeypatch.setattr(quant.histogram, "histc_is_faster", lambda: counter == "histc")
+    spec = QuantConfig.from_yaml(DEFAULT_CONFIG).activation
+    fused, plain = Pow2FakeQuantize(spec, signed=False).train(), Pow2FakeQuantize(spec, signed=False).train()
+    g = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(4, 8, 16, 16, generator=g), -torch.rand(2, 8, 4, 4, generator=g),
+              torch.randn(4, 8, 16, 16, generator=g) * 40, torch.full((1, 8, 2, 2), 64.0),
+              torch.tensor([[-1.0, float("nan"), 3.0]]), torch.tensor([[-float("inf"), 2.0]])]
+    for x in inputs:
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_fused, out_plain = fused.fake_quant_after_relu(a), plain(torch.relu(b))
+        assert torch.equal(out_fused.nan_to_num(7.0), out_plain.nan_to_num(7.0))
+        weight = torch.linspace(-1, 1, x.numel()).reshape(x.shape)
+        (out_fused.nan_to_num(0.0) * weight).sum().backward()
+        (out_plain.nan_to_num(0.0) * weight).sum().backward()
+        assert torch.equal(a.grad, b.grad)
+        h, k = fused._histogram, plain._histogram
+        assert (h.top, h.total, h.negatives) == (k.top, k.total, k.negatives)
+        assert torch.equal(h.hist, k.hist)
+        for key in ("min_val", "max_val", "exponent", "num_observed"):
+            assert torch.equal(getattr(fused, key), getattr(plain, key)), key
+    assert int(fused.num_observed) == len(inputs)

@@ -110,6 +110,23 @@ def test_nonnegative_counters_equal_bincount_counts_on_bin_edges(by):
     assert int(nonnegative_counts(x, top, HIST_BINS, by)[0, -1]) >= 2  # the two values at exactly 2**top
 
 
+@pytest.mark.parametrize("by", ["histc", "bincount"])
+def test_counters_count_relu_of_signed_values(by):
+    """Counting relu(x) from x (the ReLU folded into its quantizer while observing): both counters give
+    relu(x)'s counts, each negative value a zero, on bin edges, at exactly 2**top and with -0.0."""
+    gen = torch.Generator().manual_seed(7)
+    top = 3
+    edge = 2.0 ** top
+    width = edge / HIST_BINS
+    x = torch.cat([torch.randn(50000, generator=gen).clamp(-edge, edge),
+                   torch.tensor([edge, 0.0, -0.0, -width, width, edge - width / 2, -edge])])
+    counts = nonnegative_counts(x, top, HIST_BINS, by, after_relu=True)
+    assert torch.equal(counts, bincount_counts(torch.relu(x), top, HIST_BINS))
+    assert int(counts[0, 0]) >= int((x <= 0).sum()) and float(counts.sum()) == x.numel()
+    hist, got_top = add_to_histogram(empty_histogram(), None, x, after_relu=True)
+    assert got_top == top and torch.equal(hist, counts)
+
+
 def test_histogram_counts_the_same_whichever_counter_the_machine_picks(monkeypatch):
     import quant.histogram as histogram
 

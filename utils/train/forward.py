@@ -1,7 +1,9 @@
-"""What a training step calls for its forward pass: the model (its DDP wrapper under DDP) or, once QAT
-observers are frozen in a single process, the prepared graph without the concat re-quantizations that
-are identities then (quant.frozen_view: the same values and gradients, about a fifth fewer activation
-values fake-quantized; DDP's wrapper has to run every forward, so under DDP the full graph stays).
+"""What a training step calls for its forward pass: the model (its DDP wrapper under DDP) or, for QAT in a
+single process, the prepared graph without the concat re-quantizations that are identities once observers
+are frozen (quant.frozen_view: then the same values and gradients, about a fifth fewer activation values
+fake-quantized; while observers run, the joined tensors are not counted a second time). DDP's wrapper has
+to run every forward, so under DDP the full graph stays, and its observed steps also count the joined
+tensors, which changed no exponent where measured (notes/qat_speed.md, tenth round).
 With ``--compile`` each of them is compiled once, except that steps whose histogram observers run stay
 eager; EMA, checkpoints and validation keep using the plain module, so nothing saved depends on the compiler."""
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 
 from utils.log import colorstr
+from utils.qat import is_prepared
 from utils.torch_utils import de_parallel
 
 LOGGER = logging.getLogger(__name__)
@@ -27,13 +30,13 @@ class TrainingForward:
 
     def pick(self, observers_frozen: bool = False) -> nn.Module:
         forward = self.model
-        if observers_frozen and self.single_process:
+        if self.single_process and is_prepared(forward):
             if self.frozen_view is None:
                 from quant.frozen_view import frozen_view
 
                 self.frozen_view = frozen_view(de_parallel(self.model))
             forward = self.frozen_view
-        elif self.compile and _observes_on_host(forward):
+        if not observers_frozen and self.compile and _observes_on_host(forward):
             # histogram observers count on the host between graphs: a compiled observing step breaks at each
             # of them and measured about 1.75x the eager one (README, 'What QAT costs per training step')
             return forward
