@@ -144,18 +144,20 @@ def test_cuda_runs_autotune_unless_deterministic(monkeypatch):
 
 
 def test_qat_compiles_the_forward_of_each_phase_once(tmp_path, data_yaml, monkeypatch):
-    """--compile --qat: the plain prepared graph while the (histogram) observers run, then the compiled
-    frozen view (one wrapper, kept across steps); checkpoints hold the plain prepared model."""
+    """--compile --qat: the frozen view, uncompiled while the (histogram) observers run, then compiled (one
+    wrapper, kept across steps); the plain prepared graph never trains; checkpoints hold the prepared model."""
     from quant.prepare import PreparedModel
 
     float_run = tmp_path / "f"
     train.run(**BASE, data=str(data_yaml), project=str(tmp_path), name="f")
     wrappers = _fake_compiler(monkeypatch)
-    plain_training_calls = []
+    training_calls = {"prepared": 0, "view": 0}
 
     def count(module, args):
-        if isinstance(module, PreparedModel) and module.training:
-            plain_training_calls.append(1)
+        if module.training and isinstance(module, PreparedModel):
+            training_calls["prepared"] += 1
+        elif module.training and type(module).__name__.endswith("FrozenView"):
+            training_calls["view"] += 1
 
     hook = torch.nn.modules.module.register_module_forward_pre_hook(count)
     qat = dict(BASE, epochs=2, weights=str(float_run / "weights" / "last.pt"))
@@ -166,5 +168,5 @@ def test_qat_compiles_the_forward_of_each_phase_once(tmp_path, data_yaml, monkey
         hook.remove()
     assert len(wrappers) == 1 and "FrozenView" in type(wrappers[0].module).__name__
     assert wrappers[0].calls == 2  # epoch 1's steps
-    assert len(plain_training_calls) == 2  # epoch 0 observed on the plain graph, uncompiled
+    assert training_calls == {"prepared": 0, "view": 4}  # epoch 0 observed through the view, uncompiled
     assert "weight_fake_quant.exponent" in " ".join(_weights(tmp_path / "q"))

@@ -53,7 +53,8 @@ def test_calibrate_observes_n_images_then_freezes():
     model = _prepared()
     bn = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
     seen_shapes = []
-    model.register_forward_pre_hook(lambda _m, args: seen_shapes.append(args[0].shape[0]))
+    # (on the input quantizer: calibration runs the model's frozen view, which shares its modules)
+    model.act_quant.input.register_forward_pre_hook(lambda _m, args: seen_shapes.append(args[0].shape[0]))
     assert calibrate(model, _batches(4), n_images=5) == 5
     assert seen_shapes == [2, 2, 1]  # stops after 5 images, trimming the last batch
     assert not model.training
