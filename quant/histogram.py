@@ -56,13 +56,23 @@ def widen(hist: torch.Tensor, shift: int) -> torch.Tensor:
     return out
 
 
-def finite_range(x: torch.Tensor) -> Optional[tuple[torch.Tensor, float, float]]:
-    """(x flattened as float32 without its NaN/inf values, their min, their max); None when none is left.
-    One host read of the range: this runs only while calibrating."""
+def _value_range(x: torch.Tensor) -> Optional[tuple[torch.Tensor, float, float]]:
+    """(x flattened as float32, its min, its max: NaN or infinite when x holds such values); None when x
+    is empty."""
     xf = x.detach().float().reshape(-1)
     if xf.numel() == 0:
         return None
     lo, hi = (float(v) for v in torch.aminmax(xf))
+    return xf, lo, hi
+
+
+def finite_range(x: torch.Tensor) -> Optional[tuple[torch.Tensor, float, float]]:
+    """(x flattened as float32 without its NaN/inf values, their min, their max); None when none is left.
+    One host read of the range: this runs only while calibrating."""
+    values = _value_range(x)
+    if values is None:
+        return None
+    xf, lo, hi = values
     if not (math.isfinite(lo) and math.isfinite(hi)):
         xf = xf[torch.isfinite(xf)]
         if xf.numel() == 0:
@@ -273,13 +283,11 @@ class ValueHistogram:
         """Count relu(x) without computing it (each negative value counts as a zero) and return relu(x)'s
         (min, max); None, counting nothing, when x is empty or holds a NaN or an infinity (relu(x) would
         then keep a different set of values: the caller counts relu(x) itself)."""
-        xf = x.detach().float().reshape(-1)
-        if xf.numel() == 0:
+        values = _value_range(x)
+        if values is None or not (math.isfinite(values[1]) and math.isfinite(values[2])):
             return None
-        lo, hi = (float(v) for v in torch.aminmax(xf))
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            return None
-        self.add_values((xf, lo, hi), x.device, after_relu=True)
+        _, lo, hi = values
+        self.add_values(values, x.device, after_relu=True)
         return max(lo, 0.0), max(hi, 0.0)
 
     def add_values(self, values: tuple[torch.Tensor, float, float], device: torch.device,

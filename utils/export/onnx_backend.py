@@ -185,7 +185,7 @@ class OnnxModel:
 # EPYCs, older Xeons) add pairs of uint8 x int8 products in 16 bits, which saturates when both are large;
 # this session option (documented in onnxruntime_session_options_config_keys.h) makes them use exact
 # uint8 x uint8 kernels on those CPUs and changes nothing on others. Measured on an AVX2-only EPYC
-# (notes/runtimes.md): without it 8% of the INT8 file's raw head values were off by up to 6 steps.
+# (notes/runtimes.md): without it yolov5n's INT8 head values were up to 30 steps off.
 EXACT_INT8_CONFIG = ("session.x64quantprecision", "1")
 
 
