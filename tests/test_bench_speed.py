@@ -206,7 +206,7 @@ def test_joined_counting_compares_the_full_graph_with_the_view(capsys, shared_di
 
     prepared = prepare(DetectionModel("yolov5p.yaml", nc=3, act="relu").train(), torch.zeros(1, 3, 64, 64),
                        QuantConfig(leaf_modules=("Detect",)))
-    forwards = TrainingForward(prepared, compile=False, single_process=True)
+    forwards = TrainingForward(prepared, compile=False)
     assert quant.calibrate._observing_forward(prepared) is not prepared and forwards.pick() is not prepared
     with full_graph_observing():
         assert quant.calibrate._observing_forward(prepared) is prepared and forwards.pick() is prepared

@@ -1,56 +1,59 @@
-"""What a training step calls for its forward pass: the model (its DDP wrapper under DDP) or, for QAT in a
-single process, the prepared graph without the concat re-quantizations that are identities once observers
-are frozen (quant.frozen_view: then the same values and gradients, about a fifth fewer activation values
-fake-quantized; while observers run, the joined tensors are not counted a second time). DDP's wrapper has
-to run every forward, so under DDP the full graph stays, and its observed steps also count the joined
-tensors, which changed no exponent where measured (notes/qat_speed.md, tenth round).
-With ``--compile`` each of them is compiled once, except that steps whose histogram observers run stay
+"""What a training step calls for its forward pass.
+
+For QAT that is the prepared graph without the concat re-quantizations that are identities once observers
+are frozen (quant.frozen_view: the same values and gradients, about a fifth fewer activation values
+fake-quantized; while observers run, the joined tensors are not counted a second time). Under DDP the
+wrapper holds that view, so every rank trains the same graph as one process does: the view shares every
+parameter and buffer with the prepared model, which is what the optimizer, EMA and checkpoints use.
+With ``--compile`` the forward is compiled once, except that steps whose histogram observers run stay
 eager; EMA, checkpoints and validation keep using the plain module, so nothing saved depends on the compiler."""
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 from torch import nn
 
 from utils.log import colorstr
 from utils.qat import is_prepared
-from utils.torch_utils import de_parallel
 
 LOGGER = logging.getLogger(__name__)
 
 
 class TrainingForward:
-    """``pick(observers_frozen)`` returns the module to call; ``model`` is what training wraps (DDP or not)."""
+    """``pick(observers_frozen)`` returns the module to call. ``model`` is the bare model; ``wrap`` puts the
+    module a step runs (the model, or a prepared model's frozen view) in DDP's wrapper, or returns it."""
 
-    def __init__(self, model: nn.Module, compile: bool, single_process: bool):
-        self.model, self.compile, self.single_process = model, compile, single_process
+    def __init__(self, model: nn.Module, compile: bool, wrap: Callable[[nn.Module], nn.Module] = lambda m: m):
+        self.model, self.compile = model, compile
         self.frozen_view: nn.Module | None = None
-        self._compiled: dict[int, nn.Module] = {}
+        if is_prepared(model):
+            from quant.frozen_view import frozen_view
+
+            self.frozen_view = frozen_view(model)
+        self.wrapped = wrap(self.frozen_view if self.frozen_view is not None else model)
+        self._compiled: nn.Module | None = None
+
+    def train(self) -> None:
+        """Training mode for the model and for the wrapper around what a step runs."""
+        self.model.train()
+        self.wrapped.train()
 
     def pick(self, observers_frozen: bool = False) -> nn.Module:
-        forward = self.model
-        if self.single_process and is_prepared(forward):
-            if self.frozen_view is None:
-                from quant.frozen_view import frozen_view
-
-                self.frozen_view = frozen_view(de_parallel(self.model))
-            forward = self.frozen_view
-        if not observers_frozen and self.compile and _observes_on_host(forward):
+        if not observers_frozen and self.compile and _observes_on_host(self.model):
             # histogram observers count on the host between graphs: a compiled observing step breaks at each
             # of them and measured about 1.75x the eager one (README, 'What QAT costs per training step')
-            return forward
-        return self._compiled_version(forward) if self.compile else forward
+            return self.wrapped
+        return self._compiled_version() if self.compile else self.wrapped
 
-    def _compiled_version(self, module: nn.Module) -> nn.Module:
-        """One torch.compile wrapper per module; a QAT phase change recompiles it once (the quantizers'
-        flags are Python state that dynamo guards on)."""
-        compiled = self._compiled.get(id(module))
-        if compiled is None:
-            if not self._compiled:
-                LOGGER.info(colorstr("compile: ") + "torch.compile on the training forward; the first steps compile")
-            compiled = self._compiled[id(module)] = torch.compile(module)
-        return compiled
+    def _compiled_version(self) -> nn.Module:
+        """One torch.compile wrapper; a QAT phase change recompiles it once (the quantizers' flags are Python
+        state that dynamo guards on)."""
+        if self._compiled is None:
+            LOGGER.info(colorstr("compile: ") + "torch.compile on the training forward; the first steps compile")
+            self._compiled = torch.compile(self.wrapped)
+        return self._compiled
 
 
 def _observes_on_host(module: nn.Module) -> bool:
@@ -60,11 +63,15 @@ def _observes_on_host(module: nn.Module) -> bool:
     return any(q.observes_on_host() for _, q in iter_quantizers(module))
 
 
-def wrap_ddp(model: nn.Module, dist, cuda: bool) -> nn.Module:
-    """The model in DistributedDataParallel under DDP (``dist.rank != -1``), else itself."""
+def ddp_wrapper(dist, cuda: bool) -> Callable[[nn.Module], nn.Module]:
+    """A function putting a module in DistributedDataParallel under DDP (``dist.rank != -1``), else the
+    identity."""
     if dist.rank == -1:
-        return model
+        return lambda module: module
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    ids = [dist.local_rank] if cuda else None
-    return DDP(model, device_ids=ids, output_device=dist.local_rank if cuda else None)
+    def wrap(module: nn.Module) -> nn.Module:
+        ids = [dist.local_rank] if cuda else None
+        return DDP(module, device_ids=ids, output_device=dist.local_rank if cuda else None)
+
+    return wrap

@@ -32,11 +32,11 @@ from utils.eval.plots import plot_images, plot_results
 from utils.eval.quant_report import log_report_paths, try_report_quantization
 from utils.log import TQDM_BAR_FORMAT, colorstr
 from utils.qat import load_model
-from utils.torch_utils import EarlyStopping, ModelEMA, de_parallel, torch_distributed_zero_first, use_channels_last
+from utils.torch_utils import EarlyStopping, ModelEMA, torch_distributed_zero_first, use_channels_last
 from utils.train.autoanchor import check_anchors
 from utils.train.callbacks import ResultsLogger
 from utils.train.config import DistContext, TrainConfig
-from utils.train.forward import TrainingForward, wrap_ddp
+from utils.train.forward import TrainingForward, ddp_wrapper
 from utils.train.guard import NonFiniteLossError, StepGuard, StopOnSigint
 from utils.train.loss import ComputeLoss
 from utils.train.qat_training import distillation_from_options, prepare_for_training, threshold_optimizer_from_hyp
@@ -126,10 +126,10 @@ class Trainer:
             else:  # torch's SyncBatchNorm runs on accelerators only
                 LOGGER.warning("WARNING: --sync-bn needs CUDA; training with per-process BatchNorm on CPU")
         self._make_loaders(model)
-        self.model = wrap_ddp(model, self.dist, self.cuda)
+        self.model = model  # the bare model; under DDP the wrapper holds what a step runs (self.forwards)
         # the gradient-norm clip covers the network's parameters; trained thresholds are Adam's (own scale)
         self.clip_params = [p for n, p in self.model.named_parameters() if not is_threshold_parameter(n)]
-        self.forwards = TrainingForward(self.model, opt.compile, single_process=self.rank == -1)
+        self.forwards = TrainingForward(model, opt.compile, ddp_wrapper(self.dist, self.cuda))
         self.train_forward = self.forwards.pick()
         self._attach_attributes()
 
@@ -156,7 +156,7 @@ class Trainer:
             model.half().float()  # pre-reduce anchor precision, as upstream
 
     def _attach_attributes(self) -> None:
-        m = de_parallel(self.model)
+        m = self.model
         nl = m.model[-1].nl
         m.hyp = scale_loss_gains(self.hyp, nl, self.nc, self.imgsz, self.cfg.label_smoothing)
         m.nc, m.names = self.nc, self.names
@@ -220,7 +220,7 @@ class Trainer:
         return self.results
 
     def _train_epoch(self, epoch: int) -> None:
-        self.model.train()
+        self.forwards.train()
         self._seed_loader(epoch)
         self.mloss = torch.zeros(3, device=self.device)
         LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss", "Instances", "Size"))
@@ -274,7 +274,7 @@ class Trainer:
     def _qat_step(self, epoch: int, i: int) -> None:
         """Apply the observer/BN schedule; under DDP, observers are reduced across ranks before they
         freeze so every rank keeps identical scales."""
-        model = de_parallel(self.model)
+        model = self.model
         was_in_window = self.qat_schedule.window
         if self.rank != -1 and was_in_window and not self.qat_schedule.schedule.in_observer_window(epoch, i, self.nb):
             from quant.schedule import iter_quantizers
@@ -334,7 +334,7 @@ class Trainer:
                 from quant.threshold import sync_exponents
 
                 self.scaler.step(self.threshold_opt)
-                sync_exponents(de_parallel(self.model))  # the exponents follow before EMA copies them
+                sync_exponents(self.model)  # the exponents follow before EMA copies them
             self.guard.ok()
             if self.ema:
                 self.ema.update(self.model)
