@@ -74,6 +74,7 @@ class Pow2FakeQuantize(nn.Module):
         self.calibrating = False
         # Per-forward aggregation (see begin_step): the pre-step statistics and this step's range.
         self._step_stats: Optional[tuple] = None
+        self._step_range: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # the 'current' observer's
         self._aggregate = False
         self._histogram = ValueHistogram() if spec.observer == "histogram" else None
         channels = num_channels if spec.per_channel else 1
@@ -174,6 +175,7 @@ class Pow2FakeQuantize(nn.Module):
         several tensors (concat inputs and output, add inputs) is called once per tensor; without
         this the average would mix the ranges of the narrow inputs with the wide one."""
         self._step_stats = None
+        self._step_range = None
         self._aggregate = True
 
     @torch.no_grad()
@@ -330,6 +332,9 @@ class Pow2FakeQuantize(nn.Module):
             if rows.shape[1] == 0:
                 return
             lo, hi = torch.aminmax(rows, dim=1)
+        if self.spec.observer == "current" and not mse:
+            self._observe_current(lo, hi)
+            return
         lo, hi = self._merge_with_step(lo, hi)
         first = (self.calibrated == 0) | torch.isinf(self.min_val).any()  # 0-dim: replace every row
         old_top = self._window_top() if mse else None
@@ -347,6 +352,23 @@ class Pow2FakeQuantize(nn.Module):
         if mse:
             self._accumulate_errors(rows, old_top, first)
         self._update_exponent()
+        self._mark_calibrated()
+
+    def _observe_current(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """The 'current' observer without the MSE search (the weights' default): min/max are this step's
+        range alone, so unlike the running observers it needs neither the first-observation test nor the
+        pre-step statistics. Each weight observer runs once per step; these few ops are most of its cost."""
+        if self._aggregate:  # a later call in the same step widens the step's range
+            if self._step_range is not None:
+                lo, hi = torch.minimum(lo, self._step_range[0]), torch.maximum(hi, self._step_range[1])
+            self._step_range = (lo, hi)
+        self.min_val.copy_(lo)
+        self.max_val.copy_(hi)
+        self.num_observed.add_(1)
+        bound = torch.maximum(lo.abs(), hi.abs()) if self.signed else hi.clamp_min(0.0)
+        self.exponent.copy_(exponent_from_bound(bound, self.spec.rounding))
+        if self.log2_threshold is not None:  # observing: the threshold follows the observed exponent
+            self.log2_threshold.data.copy_(self.exponent)
         self._mark_calibrated()
 
     @torch.compiler.disable  # host-side by design: torch.compile runs it between graphs, untraced

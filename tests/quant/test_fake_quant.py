@@ -185,6 +185,28 @@ def test_observer_kinds():
     assert (run.min_val.item(), run.max_val.item()) == (0.5, 0.5)
 
 
+@pytest.mark.parametrize("rounding,per_channel,signed", list(itertools.product(["ceil", "round"], [False, True],
+                                                                                   [True, False])))
+def test_current_observer_is_a_minmax_observer_reset_each_step(rounding, per_channel, signed):
+    """The 'current' observer's short path: each step (begin_step, then one or more calls, as a shared
+    quantizer gets) leaves what a 'minmax' observer reset before that step leaves, fake-quant outputs
+    included; a call outside a step replaces the range."""
+    spec = dict(rounding=rounding, per_channel=per_channel)
+    cur, ref = make(signed, 4, observer="current", **spec), make(signed, 4, observer="minmax", **spec)
+    for step, calls in enumerate([1, 3, 2, 1]):
+        cur.begin_step(), ref.begin_step(), ref.reset_observer()
+        for call in range(calls):
+            x = data(signed, seed=10 * step + call) * (0.5 + call)
+            assert torch.equal(cur(x), ref(x)), (step, call)
+        for name in ("exponent", "min_val", "max_val", "calibrated"):
+            assert torch.equal(getattr(cur, name), getattr(ref, name)), (step, name)
+    assert cur.num_observed.item() == 7
+    cur._aggregate = False  # outside a step (a deep copy made before any forward)
+    small = data(signed, seed=99) * 1e-3
+    cur(small)
+    assert torch.equal(cur.max_val, small.reshape(4, -1).amax(1) if per_channel else small.max().reshape(1))
+
+
 def test_fixed_exponent_disables_observer():
     fq = make(signed=False, fixed_exponent=0)
     assert fq.observer_enabled.item() == 0 and fq.calibrated.item() == 1
