@@ -2,6 +2,7 @@
 
 Usage:
     python -m bench.int8_latency --weights ../shared/weights/yolov5n.pt --imgsz 320 640 --json int8.json
+    python -m bench.int8_latency --imgsz 640 --threads 2 --profile     # + ms per op type in each file
 
 For each size: the float model (rebuilt with ReLU, as QAT models are) and its PTQ-calibrated
 power-of-2 QAT twin (a few coco128 images; accuracy is irrelevant for latency) are exported with
@@ -56,9 +57,62 @@ def build_pair(weights: Path, imgsz: int, folder: Path, act: str = "relu", calib
     return fp32, int8
 
 
+def op_type_ms(file: Path, runs: int = 30, warmup: int = 5, threads: int = 0, exact_int8: bool = True) -> dict[str, float]:
+    """onnxruntime's per-node profile of ``file`` summed per op type: ms per run, the timed ``runs`` after
+    ``warmup`` unprofiled ones (one image of the model's size, random values). Says whether the integer
+    convs themselves are cheaper than the float ones on this CPU, whatever the rest of the graph costs."""
+    import collections
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from utils.export.onnx_backend import load_onnx_model, session_options
+
+    def session(profile: bool):
+        options = session_options(ort, threads, exact_int8=exact_int8)
+        if profile:
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(file).with_suffix("")) + ("_exact" if exact_int8 else "_default")
+        return ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+
+    _, meta = load_onnx_model(file, "cpu")  # the image size the file was exported at
+    warm = session(False)
+    spec = warm.get_inputs()[0]
+    x = np.random.default_rng(0).random((1, 3, *meta["imgsz"]), dtype=np.float32)
+    feed = {spec.name: (x * 255).astype(np.uint8) if "uint8" in spec.type else x}
+    for _ in range(warmup):
+        warm.run(None, feed)
+    profiled = session(True)
+    for _ in range(runs + 1):  # the first run of a session is its own warm-up: left out below
+        profiled.run(None, feed)
+    events = json.loads(Path(profiled.end_profiling()).read_text(encoding="utf-8"))
+    starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")
+    first_end = starts[1] if len(starts) > 1 else float("inf")
+    per_op: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first_end:
+            per_op[e["args"]["op_name"]] += e["dur"] / 1e3 / runs
+    return dict(per_op.most_common())
+
+
+def log_op_types(fp32: Path, int8: Path, runs: int, threads: int) -> dict[str, dict[str, float]]:
+    """The per-op-type profile of the FP32 file, the INT8 file with exact kernels and with onnxruntime's
+    default ones; logs the convs' share and ratio."""
+    profiles = {"fp32": op_type_ms(fp32, runs, threads=threads), "int8_exact": op_type_ms(int8, runs, threads=threads),
+                "int8_default_kernels": op_type_ms(int8, runs, threads=threads, exact_int8=False)}
+    float_conv = profiles["fp32"].get("Conv", 0.0)
+    for name, ops in profiles.items():
+        conv = ops.get("Conv", 0.0) if name == "fp32" else ops.get("QLinearConv", 0.0)
+        top = ", ".join(f"{op} {ms:.2f}" for op, ms in list(ops.items())[:6])
+        LOGGER.info("  profile %-20s all nodes %.2f ms, convs %.2f ms (x%.2f the float convs); %s", name,
+                    sum(ops.values()), conv, conv / float_conv if float_conv else float("nan"), top)
+    return profiles
+
+
 def run(weights=SHARED / "weights" / "yolov5n.pt", imgsz=(320, 640), iters=30, warmup=5, threads=0, act="relu",
-        json_out=None, keep=None) -> list[dict]:
-    """Time FP32 and INT8 at each size; returns one row per size."""
+        json_out=None, keep=None, profile=False) -> list[dict]:
+    """Time FP32 and INT8 at each size (with ``profile``, also onnxruntime's per-op-type profile of each);
+    returns one row per size."""
     from bench.onnx_latency import time_onnx
 
     rows = []
@@ -78,6 +132,8 @@ def run(weights=SHARED / "weights" / "yolov5n.pt", imgsz=(320, 640), iters=30, w
                         "onnxruntime's default (saturating on x86 without VNNI) kernels %.2f ms (files %.1f MB / "
                         "%.1f MB)", size, row["fp32_median_ms"], row["int8_median_ms"], row["fp32_over_int8"],
                         row["int8_default_kernels_median_ms"], row["fp32_mb"], row["int8_mb"])
+            if profile:
+                row["profile_ms_per_op_type"] = log_op_types(fp32, int8, iters, threads)
             rows.append(row)
     if json_out:
         Path(json_out).write_text(json.dumps(rows, indent=1), encoding="utf-8")
@@ -95,6 +151,8 @@ def parse_opt(argv=None):
     parser.add_argument("--act", type=str, default="relu", help="activation the float model is rebuilt with")
     parser.add_argument("--json", dest="json_out", type=str, default=None)
     parser.add_argument("--keep", type=str, default=None, help="folder to keep the .pt/.onnx files in")
+    parser.add_argument("--profile", action="store_true",
+                        help="also onnxruntime's per-node profile, summed per op type (convs: integer vs float)")
     return parser.parse_args(argv)
 
 

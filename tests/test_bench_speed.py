@@ -194,6 +194,24 @@ def test_decode_ab_codes_moved_keeps_outputs_and_integer_head_convs(tmp_path):
     assert kernels[1]["QLinearConv"] == kernels[0]["QLinearConv"] == 60 and kernels[1]["Conv"] == 0
 
 
+def test_int8_latency_profile_sums_node_times_per_op_type(tmp_path, caplog):
+    """bench.int8_latency --profile: onnxruntime's per-node profile per op type, float convs in the FP32
+    file and integer convs in the INT8 one, every time positive."""
+    import logging
+
+    from bench.int8_latency import SHARED, build_pair, log_op_types
+
+    fp32, int8 = build_pair(SHARED / "weights" / "yolov5n.pt", 64, tmp_path, calib=2)
+    with caplog.at_level(logging.INFO, logger="bench.int8_latency"):
+        profiles = log_op_types(fp32, int8, runs=3, threads=1)
+    assert set(profiles) == {"fp32", "int8_exact", "int8_default_kernels"}
+    assert profiles["fp32"]["Conv"] > 0 and "QLinearConv" not in profiles["fp32"]
+    for name in ("int8_exact", "int8_default_kernels"):
+        assert profiles[name]["QLinearConv"] > 0 and "Conv" not in profiles[name]
+        assert all(ms > 0 for ms in profiles[name].values())
+    assert caplog.text.count("the float convs") == 3
+
+
 def test_joined_counting_compares_the_full_graph_with_the_view(capsys, shared_dir):
     """bench.joined_counting: inside full_graph_observing calibration and observed steps use the prepared
     model itself, outside it the frozen view; the PTQ comparison runs and names what differs."""
