@@ -58,39 +58,33 @@ def build_pair(weights: Path, imgsz: int, folder: Path, act: str = "relu", calib
 
 
 def op_type_ms(file: Path, runs: int = 30, warmup: int = 5, threads: int = 0, exact_int8: bool = True) -> dict[str, float]:
-    """onnxruntime's per-node profile of ``file`` summed per op type: ms per run, the timed ``runs`` after
-    ``warmup`` unprofiled ones (one image of the model's size, random values). Says whether the integer
-    convs themselves are cheaper than the float ones on this CPU, whatever the rest of the graph costs."""
+    """onnxruntime's per-node profile of ``file`` summed per op type: ms per run over ``runs`` runs after
+    ``warmup`` left out (one image of the model's size, random values). Says whether the integer convs
+    themselves are cheaper than the float ones on this CPU, whatever the rest of the graph costs."""
     import collections
 
     import numpy as np
     import onnxruntime as ort
 
-    from utils.export.onnx_backend import load_onnx_model, session_options
+    from utils.export.onnx_backend import parse_metadata, session_options
 
-    def session(profile: bool):
-        options = session_options(ort, threads, exact_int8=exact_int8)
-        if profile:
-            options.enable_profiling = True
-            options.profile_file_prefix = str(Path(file).with_suffix("")) + ("_exact" if exact_int8 else "_default")
-        return ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
-
-    _, meta = load_onnx_model(file, "cpu")  # the image size the file was exported at
-    warm = session(False)
-    spec = warm.get_inputs()[0]
+    options = session_options(ort, threads, exact_int8=exact_int8)
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(file).with_suffix("")) + ("_exact" if exact_int8 else "_default")
+    session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+    spec = session.get_inputs()[0]
+    meta = parse_metadata(dict(session.get_modelmeta().custom_metadata_map), list(spec.shape),
+                          [list(o.shape) for o in session.get_outputs()], source=str(file))
     x = np.random.default_rng(0).random((1, 3, *meta["imgsz"]), dtype=np.float32)
     feed = {spec.name: (x * 255).astype(np.uint8) if "uint8" in spec.type else x}
-    for _ in range(warmup):
-        warm.run(None, feed)
-    profiled = session(True)
-    for _ in range(runs + 1):  # the first run of a session is its own warm-up: left out below
-        profiled.run(None, feed)
-    events = json.loads(Path(profiled.end_profiling()).read_text(encoding="utf-8"))
-    starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")
-    first_end = starts[1] if len(starts) > 1 else float("inf")
+    warmup = max(warmup, 1)  # a session's first run is its own warm-up
+    for _ in range(warmup + runs):
+        session.run(None, feed)
+    events = json.loads(Path(session.end_profiling()).read_text(encoding="utf-8"))
+    timed_from = sorted(e["ts"] for e in events if e.get("name") == "model_run")[warmup]
     per_op: collections.Counter = collections.Counter()
     for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first_end:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= timed_from:
             per_op[e["args"]["op_name"]] += e["dur"] / 1e3 / runs
     return dict(per_op.most_common())
 
