@@ -365,10 +365,8 @@ class Pow2FakeQuantize(nn.Module):
         self.min_val.copy_(lo)
         self.max_val.copy_(hi)
         self.num_observed.add_(1)
-        bound = torch.maximum(lo.abs(), hi.abs()) if self.signed else hi.clamp_min(0.0)
-        self.exponent.copy_(exponent_from_bound(bound, self.spec.rounding))
-        if self.log2_threshold is not None:  # observing: the threshold follows the observed exponent
-            self.log2_threshold.data.copy_(self.exponent)
+        self.exponent.copy_(exponent_from_bound(self._bound(), self.spec.rounding))
+        self._threshold_follows_exponent()
         self._mark_calibrated()
 
     @torch.compiler.disable  # host-side by design: torch.compile runs it between graphs, untraced
@@ -403,8 +401,7 @@ class Pow2FakeQuantize(nn.Module):
         self.num_observed.add_(1)
         bound = max(abs(lo), abs(hi)) if self.signed else max(hi, 0.0)
         self.exponent.fill_(self._histogram_exponent(bound))
-        if self.log2_threshold is not None:  # observing: the threshold follows the observed exponent
-            self.log2_threshold.data.copy_(self.exponent)
+        self._threshold_follows_exponent()
         self._mark_calibrated()
 
     def _mark_calibrated(self) -> None:
@@ -451,7 +448,11 @@ class Pow2FakeQuantize(nn.Module):
 
     def _update_exponent(self) -> None:
         self._set_exponent()
-        if self.log2_threshold is not None:  # observing: the threshold follows the observed exponent
+        self._threshold_follows_exponent()
+
+    def _threshold_follows_exponent(self) -> None:
+        """While observing, a trained threshold is the observed exponent (it trains once observers freeze)."""
+        if self.log2_threshold is not None:
             self.log2_threshold.data.copy_(self.exponent)
 
     def _set_exponent(self) -> None:
